@@ -1,0 +1,177 @@
+"""The shard format (version 1), shared by every writer and reader.
+
+A shard is an uncompressed tar of WebDataset samples, one per utterance, with members
+`<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata). `manifest.json` beside the
+shards describes the complete set and is written last. See DESIGN.md, "Shard format".
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+import numpy as np
+import soundfile as sf
+
+from shards import storage
+
+FORMAT_VERSION = 1
+SAMPLE_RATE = 16000
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+META_FIELDS = ("utt", "corpus", "speaker", "session", "group", "duration", "num_samples", "sample_rate", "source")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def _part(value: str | None) -> str:
+    return _UNSAFE.sub("_", value) if value else "unknown"
+
+
+def sample_key(corpus: str, speaker: str | None, session: str | None, utt: str) -> str:
+    """`<corpus>/<speaker-or-unknown>/<session>/<utt>`: no dots, since WebDataset splits keys at the first dot."""
+    return "/".join(_part(p) for p in (corpus, speaker, session, utt))
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def encode_flac(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit FLAC bytes from int16 samples (or float in [-1, 1], clipped)."""
+    if wave.dtype != np.int16:
+        wave = np.clip(np.round(np.asarray(wave, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, wave, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def decode_audio(data: bytes, start: int = 0, frames: int = -1) -> np.ndarray:
+    """int16 samples of an encoded file, seeking to `start` so a crop never decodes the whole file."""
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        if start:
+            f.seek(start)
+        return f.read(frames, dtype="int16", always_2d=False)
+
+
+def audio_frames(data: bytes) -> int:
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        return f.frames
+
+
+@dataclass
+class ShardStats:
+    name: str
+    samples: int = 0
+    groups: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+    sha256: str = ""
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    # Fixed metadata makes shards byte-identical across runs, so a resumed run equals a fresh one.
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def build_shard(samples: list[tuple[str, dict, bytes]], name: str) -> tuple[bytes, ShardStats]:
+    """Tar bytes and stats for samples (key, meta, flac), in order. Groups must already be contiguous."""
+    buf = io.BytesIO()
+    stats = ShardStats(name=name)
+    last_group = object()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, meta, flac in samples:
+            _tar_member(tar, f"{key}.flac", flac)
+            _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            stats.samples += 1
+            stats.groups += meta.get("group") != last_group
+            last_group = meta.get("group")
+            stats.seconds += float(meta.get("duration", 0.0))
+    data = buf.getvalue()
+    stats.bytes = len(data)
+    stats.sha256 = hashlib.sha256(data).hexdigest()
+    stats.seconds = round(stats.seconds, 3)
+    return data, stats
+
+
+def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a tar stream, members grouped by key."""
+    key, members = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)
+            stem, _, ext = base[-1].partition(".")
+            k = (base[0] + "/" + stem) if len(base) == 2 else stem
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, dict, bytes]]:
+    """(key, meta, flac bytes) for every sample of one shard URL."""
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        for key, members in iter_tar(f):
+            yield key, json.loads(members["json"]), members["flac"]
+
+
+@dataclass
+class Manifest:
+    corpus: str
+    prefix: str
+    sample_rate: int = SAMPLE_RATE
+    params: dict = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)
+    format: int = FORMAT_VERSION
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s["seconds"] for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "corpus": self.corpus, "prefix": self.prefix,
+                "sample_rate": self.sample_rate, "params": self.params,
+                "totals": {"shards": len(self.shards), "samples": self.samples,
+                           "seconds": round(self.seconds, 3)},
+                "shards": self.shards}
+
+
+def write_manifest(url: str, manifest: Manifest, storage_options: dict | None = None) -> None:
+    """Written last, atomically: its presence means the set is complete."""
+    storage.write_json(storage.join(url, MANIFEST), manifest.to_json(), storage_options)
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    path = storage.join(url, MANIFEST)
+    try:
+        raw = storage.read_json(path, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest (not a shard set, or an unfinished one)") from None
+    if raw.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format {raw.get('format')!r}, this code reads {FORMAT_VERSION}")
+    return Manifest(corpus=raw["corpus"], prefix=raw["prefix"], sample_rate=raw["sample_rate"],
+                    params=raw.get("params", {}), shards=raw["shards"])
+
+
+def shard_urls(url: str, storage_options: dict | None = None) -> list[str]:
+    """Full URLs of the shards of a complete set, in manifest order."""
+    return [storage.join(url, s["name"]) for s in read_manifest(url, storage_options).shards]
