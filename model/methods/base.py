@@ -1,0 +1,47 @@
+"""The one interface every SSL method implements: views in, loss and monitoring statistics out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method; each method's own Config subclasses this."""
+    name: str = ""
+
+
+class SSLMethod(nn.Module):
+    """Base class. Subclasses set `Config` and implement `forward`.
+
+    - `encoder` maps waveforms [B, T] (float, on the device, already augmented) to embeddings [B, D];
+      it includes the fbank front-end (model.features) so every branch sees the same input.
+    - `forward(views)` takes a list of [B, T_v] waveforms (the pipeline's views, in recipe order:
+      global crops first for DINO) and returns (scalar loss, stats). Stats are detached scalar
+      tensors (loss parts, collapse monitors from model.monitors) so the trainer can all-reduce them.
+    - `after_step(step, total_steps)` runs after the optimizer step: momentum/EMA updates,
+      schedules that depend on progress (e.g. DINO teacher temperature and momentum).
+    - `embedder()` is the network used for evaluation (the teacher for DINO, the encoder otherwise).
+    - State that must survive a resume (queues, centers) lives in buffers, so `state_dict()` is
+      the whole method state.
+    """
+
+    Config = MethodConfig
+
+    def __init__(self, encoder: nn.Module, cfg: MethodConfig, embed_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+        self.embed_dim = embed_dim
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError  # abstract: every method overrides it
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Default: nothing to update."""
+
+    def embedder(self) -> nn.Module:
+        return self.encoder
