@@ -1,0 +1,139 @@
+"""Turn audio corpora into WebDataset shards on any fsspec URL, and verify shard sets.
+
+    python tools/make_shards.py voxceleb     --root DIR --out URL [--exclude-speakers TRIALS]
+    python tools/make_shards.py musan        --root DIR --out URL
+    python tools/make_shards.py rir          --root DIR --out URL
+    python tools/make_shards.py simulate-rir --count N --out URL
+    python tools/make_shards.py folder       --root DIR --out URL [--pattern REGEX] [--max-duration S]
+    python tools/make_shards.py verify URL
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards import corpora  # noqa: E402
+from shards.verify import verify  # noqa: E402
+from shards.writer import WriteConfig, write_shards  # noqa: E402
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional k/M/G suffix (powers of 1024)."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().removesuffix("b")
+    scale = units.get(text[-1:], 1)
+    value = int(float(text[:-1] if scale > 1 else text) * scale)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def _options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="make_shards.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workers", type=int, default=1, help="encoding processes")
+    common.add_argument("--storage-options", type=_options, default={}, help="fsspec options as JSON")
+    writing = argparse.ArgumentParser(add_help=False, parents=[common])
+    writing.add_argument("--out", required=True, help="destination URL (path, file://, s3://, ...)")
+    writing.add_argument("--shard-size", type=_size, default=256 * 2**20, help="bytes per shard (256M)")
+    writing.add_argument("--seed", type=int, default=0, help="seed of the global group shuffle")
+    writing.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
+    writing.add_argument("--prefix", default="", help="shard name prefix (default: the corpus name)")
+    writing.add_argument("--corpus", help="corpus name in keys and metadata")
+
+    def add(name: str, help: str, min_duration: float, root: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[writing], help=help)
+        if root:
+            p.add_argument("--root", required=True, help="source directory")
+        p.add_argument("--min-duration", type=float, default=min_duration, help="reject shorter inputs (s)")
+        return p
+
+    add("voxceleb", "VoxCeleb1/2: <id>/<video>/<n>.wav|m4a", 0.5).add_argument(
+        "--exclude-speakers", action="append", default=[], metavar="FILE",
+        help="speaker list or trial list whose speakers are left out (repeatable)")
+    add("musan", "MUSAN music/noise/speech", 0.5)
+    add("rir", "RIRS_NOISES-style RIR folders", 0.0)
+    sim = add("simulate-rir", "pyroomacoustics shoebox RIRs, Kaldi style", 0.0, root=False)
+    sim.add_argument("--count", type=int, required=True, help="number of RIRs")
+    sim.add_argument("--per-room", type=int, default=10, help="RIRs per simulated room")
+    folder = add("folder", "any tree of wav/flac/ogg/mp3", 0.5)
+    folder.add_argument("--pattern", help="regex with named groups speaker, session (and utt) on the relative path")
+    folder.add_argument("--max-duration", type=float, default=30.0, help="cut longer files at quiet points (s)")
+    check = sub.add_parser("verify", parents=[common], help="re-read every sample and check the manifest")
+    check.add_argument("url")
+    return parser
+
+
+def listing(args: argparse.Namespace) -> corpora.Listing:
+    named = {"corpus": args.corpus} if args.corpus else {}
+    if args.command == "voxceleb":
+        return corpora.voxceleb(args.root, args.exclude_speakers, **named)
+    if args.command == "musan":
+        return corpora.musan(args.root, **named)
+    if args.command == "rir":
+        return corpora.rir(args.root, **named)
+    if args.command == "simulate-rir":
+        return corpora.simulated_rirs(args.count, args.per_room, args.seed, **named)
+    return corpora.folder(args.root, args.pattern, **named)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify(args.url, args.storage_options, args.workers)
+    for problem in report.problems[:50]:
+        print(problem)
+    if len(report.problems) > 50:
+        print(f"... and {len(report.problems) - 50} more problems")
+    verdict = "ok" if report.ok else f"FAILED, {len(report.problems)} problems"
+    print(f"verify {args.url}: {verdict}: {report.shards} shards, {report.samples} samples, "
+          f"{report.seconds / 3600:.2f} h")
+    return 0 if report.ok else 1
+
+
+def run_write(args: argparse.Namespace) -> int:
+    cfg = WriteConfig(out=args.out, prefix=args.prefix, shard_size=args.shard_size, seed=args.seed,
+                      workers=args.workers, min_duration=args.min_duration,
+                      max_duration=getattr(args, "max_duration", None), resume=args.resume,
+                      storage_options=args.storage_options)
+    manifest, rejected = write_shards(listing(args), cfg)
+    print(f"{manifest.corpus}: {len(manifest.shards)} shards, {manifest.samples} samples, "
+          f"{manifest.seconds / 3600:.2f} h in {args.out}; {len(rejected)} inputs rejected")
+    for reason, n in Counter(r["reason"].split(":")[0] for r in rejected).most_common():
+        print(f"  rejected {n}: {reason} (see {args.out.rstrip('/')}/rejected.jsonl)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workers", 1) < 1:
+        return _fail(f"--workers {args.workers}: must be at least 1")
+    try:
+        return run_verify(args) if args.command == "verify" else run_write(args)
+    except corpora.BadInput as e:
+        return _fail(str(e))
+    except OSError as e:  # storage unreachable, disk full...: finished shards stay, --resume continues
+        return _fail(f"{e}{'' if args.command == 'verify' else '; rerun with --resume to continue'}", code=1)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"make_shards.py: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
