@@ -45,3 +45,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over ranks, out of place, with autograd (backward sums the gradients over ranks).
+
+    Like gather_with_grad, the gradient each rank receives is that of the sum of every rank's
+    loss; when each rank computes the same global loss, DDP's gradient averaging turns it back
+    into the global loss's gradient. Also fine under no_grad (Sinkhorn's sums).
+    """
+    if not is_dist():
+        return x
+    import torch.distributed.nn.functional as dnn
+    return dnn.all_reduce(x)

@@ -1,0 +1,34 @@
+"""The SSL methods by recipe name, and how a recipe's `method:` section becomes one."""
+from __future__ import annotations
+
+import dataclasses
+
+from model.encoders import EncoderConfig, build_encoder
+from model.methods.barlow import BarlowTwins
+from model.methods.base import MethodConfig, SSLMethod
+from model.methods.dino import DINO
+from model.methods.moco import MoCo
+from model.methods.simclr import SimCLR
+from model.methods.swav import SwAV
+from model.methods.vicreg import VICReg
+
+METHODS: dict[str, type[SSLMethod]] = {
+    "simclr": SimCLR, "moco": MoCo, "dino": DINO, "vicreg": VICReg, "barlow": BarlowTwins, "swav": SwAV}
+
+
+def method_config(d: dict) -> MethodConfig:
+    """The `method:` section (with its `name`) as that method's Config; unknown keys are errors."""
+    name = d.get("name")
+    if name not in METHODS:
+        raise ValueError(f"method.name={name!r} is not a method; choose one of {sorted(METHODS)}")
+    cls = METHODS[name].Config
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in valid:
+            raise ValueError(f"unknown key method.{key} for method {name!r}; valid keys: {', '.join(valid)}")
+    return cls(**d)
+
+
+def build_method(enc_cfg: EncoderConfig, method_cfg: MethodConfig) -> SSLMethod:
+    """A fresh method around a fresh encoder."""
+    return METHODS[method_cfg.name](build_encoder(enc_cfg), method_cfg, enc_cfg.embed_dim)

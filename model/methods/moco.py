@@ -1,0 +1,85 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020) for speakers: queries from the encoder, keys from its
+momentum copy, negatives from a queue of past keys of every rank; symmetric loss over both views."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import distributed, monitors
+from model.methods.base import MethodConfig, SSLMethod
+from model.methods.parts import ema_update, encode_views, frozen_copy, mlp
+
+
+@dataclass
+class Config(MethodConfig):
+    name: str = "moco"
+    temperature: float = 0.2         # sslsv MoCoConfig
+    queue_size: int = 65536          # sslsv MoCoConfig, WeSpeaker v3 moco (K)
+    momentum: float = 0.999          # sslsv start_tau, WeSpeaker m
+    enable_projector: bool = True    # sslsv: 3-layer MLP with BatchNorm
+    projector_hidden_dim: int = 2048
+    projector_output_dim: int = 128
+    shuffle_bn: bool = True          # MoCo's shuffled BatchNorm for the keys across ranks
+
+
+class MoCo(SSLMethod):
+    Config = Config
+
+    def __init__(self, encoder, cfg: Config, embed_dim: int):
+        super().__init__(encoder, cfg, embed_dim)
+        dim = cfg.projector_output_dim if cfg.enable_projector else embed_dim
+        self.projector = (mlp([embed_dim, cfg.projector_hidden_dim, cfg.projector_hidden_dim, dim])
+                          if cfg.enable_projector else torch.nn.Identity())
+        self.momentum_encoder = frozen_copy(encoder)
+        self.momentum_projector = frozen_copy(self.projector)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(views) != 2:
+            raise ValueError(f"moco needs 2 views (data.views), got {len(views)}")
+        y1, y2 = encode_views(self.encoder, views)
+        q1, q2 = F.normalize(self.projector(y1).float(), dim=1), F.normalize(self.projector(y2).float(), dim=1)
+        with torch.no_grad():
+            k1, k2 = (F.normalize(k.float(), dim=1) for k in self._keys(views))
+        queue = self.queue.clone()
+        loss = (self._infonce(q1, k2, queue) + self._infonce(q2, k1, queue)) / 2
+        self._enqueue(torch.cat([distributed.gather(k1), distributed.gather(k2)]))
+        y = y1.detach()
+        return loss, {"loss": loss.detach(), "embedding_std": monitors.embedding_std(y),
+                      "effective_rank": monitors.effective_rank(y)}
+
+    def _infonce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy picking the key of the same utterance among it and the queue."""
+        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1)
+        return F.cross_entropy(logits / self.cfg.temperature, torch.zeros_like(logits[:, 0], dtype=torch.long))
+
+    def _keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Keys from the momentum branch. With several ranks, the batch is shuffled across them
+        first so BatchNorm statistics cannot tell a query which key is its own (MoCo, sec. 3.3)."""
+        branch = lambda vs: [self.momentum_projector(y) for y in encode_views(self.momentum_encoder, vs)]
+        if not (self.cfg.shuffle_bn and distributed.is_dist()):
+            return branch(views)
+        n, b = distributed.world_size(), len(views[0])
+        order = torch.randperm(n * b, device=views[0].device)
+        dist.broadcast(order, src=0)
+        mine = order.view(n, b)[distributed.rank()]
+        keys = branch([distributed.gather(v)[mine] for v in views])
+        where = torch.argsort(order).view(n, b)[distributed.rank()]
+        return [distributed.gather(k)[where] for k in keys]
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest entries, wrapping around (any batch size works)."""
+        keys = keys[-len(self.queue):]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        ema_update(self.momentum_encoder, self.encoder, self.cfg.momentum)
+        ema_update(self.momentum_projector, self.projector, self.cfg.momentum)

@@ -1,0 +1,113 @@
+"""Training step time and utterances/s per method and encoder (`python tools/bench.py train`).
+
+Each figure times forward + backward + optimizer step + after_step on random waveforms. Its baseline
+is the bare encoder doing forward + backward on the same views (the method's overhead is the ratio);
+on CUDA the torch.compile figure's baseline is the eager figure of the same method.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from model.encoders import Encoder, EncoderConfig
+from model.methods import METHODS, build_method, method_config
+
+ENCODERS = {"ecapa512": EncoderConfig("ecapa", 512, 192), "ecapa1024": EncoderConfig("ecapa", 1024, 192),
+            "resnet34": EncoderConfig("resnet34", 128, 256), "ecapa128": EncoderConfig("ecapa", 128, 128)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--methods", default="simclr" if cuda else "simclr,moco,dino",
+                        help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--encoders", default="ecapa512" if cuda else "ecapa512,resnet34",
+                        help=f"comma-separated, from {','.join(ENCODERS)}")
+    parser.add_argument("--batch", type=int, default=256 if cuda else 8, help="utterances per step")
+    parser.add_argument("--seconds", type=float, default=2.0, help="view duration (DINO: global views)")
+    parser.add_argument("--dino-local", type=int, default=4, help="DINO local views, half as long")
+    parser.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile figure")
+
+
+def views_for(method: str, args, device: torch.device) -> list[torch.Tensor]:
+    n = int(args.seconds * 16000)
+    lengths = [n, n] + ([n // 2] * args.dino_local if method == "dino" else [])
+    return [torch.rand(args.batch, t, device=device) * 2 - 1 for t in lengths]
+
+
+def time_steps(step, args, device: torch.device) -> float:
+    """Median seconds per call of step() after warm-up (the median shrugs off a busy machine)."""
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def train_step(module, views, device: torch.device, after_step=None):
+    """The trainer's step: bf16 autocast on CUDA, fp32 on CPU."""
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = module(views)
+            loss = out[0] if isinstance(out, tuple) else out
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step:
+            after_step(1, 100)
+    return step
+
+
+class BareEncoder(torch.nn.Module):
+    """The baseline: the encoder alone on the same views, a trivial loss."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return sum(self.encoder(v).float().square().mean() for v in views)
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for enc_name in args.encoders.split(","):
+        enc_cfg = ENCODERS[enc_name]
+        for name in args.methods.split(","):
+            torch.manual_seed(0)
+            method = build_method(enc_cfg, method_config({"name": name})).to(device).train()
+            views = views_for(name, args, device)
+            base = time_steps(train_step(BareEncoder(method.encoder), views, device), args, device)
+            eager = time_steps(train_step(method, views, device, method.after_step), args, device)
+            utts = args.batch  # utterances per step (each brings len(views) crops)
+            common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "method": name, "encoder": enc_name, "batch": args.batch,
+                      "views": [round(v.shape[1] / 16000, 2) for v in views],
+                      "dtype": "bf16-autocast" if device.type == "cuda" else "fp32"}
+            rows.append({"figure": "train_step_ms", **common, "compile": False, "value": round(eager * 1e3, 2),
+                         "utt_per_s": round(utts / eager, 1), "baseline": "encoder fwd+bwd only",
+                         "baseline_ms": round(base * 1e3, 2), "ratio": round(eager / base, 3)})
+            if device.type == "cuda" and not args.no_compile:
+                for module in method.modules():
+                    if isinstance(module, Encoder):
+                        module.compile()
+                compiled = time_steps(train_step(method, views, device, method.after_step), args, device)
+                rows.append({"figure": "train_step_ms", **common, "compile": True, "value": round(compiled * 1e3, 2),
+                             "utt_per_s": round(utts / compiled, 1), "baseline": "eager",
+                             "baseline_ms": round(eager * 1e3, 2), "ratio": round(compiled / eager, 3)})
+            del method
+    return rows
