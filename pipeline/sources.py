@@ -1,0 +1,111 @@
+"""Where training shards come from: URL specs resolved to shard lists, and a fork-safe, retrying opener.
+
+A spec is a shard-set prefix (its manifest lists the shards and their sizes), a brace pattern
+(`s3://b/vox-{000000..000099}.tar`), a single `.tar` URL, or a list of these. Several specs can be
+mixed with weights: each is one corpus. Filesystem objects (s3fs clients, ...) are made lazily in the
+process that uses them and cached per process id, so a DataLoader worker never inherits a client
+whose connections and event loop belong to its parent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import IO, Callable, TypeVar
+
+import fsspec
+import webdataset as wds
+
+from shards import format as shard_format
+from shards import storage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that retrying cannot fix: the object is missing or forbidden.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    size: int | None = None  # bytes, from the manifest; None when the spec named the shard directly
+
+
+@dataclass(frozen=True)
+class Corpus:
+    spec: str
+    shards: tuple[Shard, ...]
+
+
+def resolve(spec: str, storage_options: dict | None = None) -> Corpus:
+    """The shards of one spec: a prefix with a manifest, a brace pattern, or one tar URL."""
+    if spec.endswith(".tar") or "{" in spec:
+        urls = wds.shardlists.expand_urls(spec)
+        return Corpus(spec, tuple(Shard(u) for u in urls))
+    manifest = shard_format.read_manifest(spec, storage_options)
+    shards = tuple(Shard(storage.join(spec, s["name"]), s.get("bytes")) for s in manifest.shards)
+    if not shards:
+        raise ValueError(f"{spec}: manifest lists no shards")
+    return Corpus(spec, shards)
+
+
+def resolve_all(specs: str | list[str], weights: list[float] | None,
+                storage_options: dict | None = None) -> tuple[list[Corpus], list[float]]:
+    """Corpora and their normalised mixing weights (equal when `weights` is None)."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise ValueError("data.train: no shard source given")
+    weights = [1.0] * len(specs) if weights is None else list(weights)
+    if len(weights) != len(specs) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"data.weights {weights}: need one non-negative weight per source ({len(specs)})")
+    total = sum(weights)
+    return [resolve(s, storage_options) for s in specs], [w / total for w in weights]
+
+
+_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
+# Instances a forked worker inherited from fsspec's cache. fsspec drops them when the child makes its
+# first instance, and s3fs's finalizer would then try to close them on the parent's event loop, which
+# does not run in the child (errors, and a 0.1 s stall each): keeping them alive means never closing them.
+_INHERITED: list[fsspec.AbstractFileSystem] = []
+
+
+def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A filesystem made in this process (keyed by pid: never one inherited across a fork)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    key = (os.getpid(), protocol, repr(sorted((storage_options or {}).items())))
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        cls = fsspec.get_filesystem_class(protocol)
+        if getattr(cls, "_pid", os.getpid()) != os.getpid():
+            _INHERITED.extend(getattr(cls, "_cache", {}).values())
+        options = {**(storage_options or {}), "skip_instance_cache": True}
+        fs, _ = storage.filesystem(url, options)
+        _FILESYSTEMS[key] = fs
+    return fs, fs._strip_protocol(url)
+
+
+def open_shard(url: str, storage_options: dict | None = None, block_size: int = 8 << 20) -> IO[bytes]:
+    """A seekable binary file for a shard URL; object stores read ahead in `block_size` ranges."""
+    fs, path = _filesystem(url, storage_options)
+    if storage.is_local(url):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 5, backoff: float = 0.5) -> T:
+    """Run `action`, retrying transient I/O errors with exponential backoff and jitter."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except PERMANENT:
+            raise
+        except OSError as e:
+            if attempt == attempts - 1:
+                raise
+            delay = backoff * 2 ** attempt * (0.5 + random.random())
+            log.warning("%s: %s; retry %d/%d in %.1fs", what, e, attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

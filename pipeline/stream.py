@@ -1,0 +1,215 @@
+"""Resampled, infinite sample streams over shards: (key, meta, flac bytes), corpora mixed per sample.
+
+Each shard visit picks a shard at random and enters it at a random tar block: it finds the next tar
+header there, skips to the next group boundary, reads to the end, then wraps to the start and reads
+up to where it began. Every
+visit therefore covers the whole shard in a rotated order, and any prefix of a visit (a chunk of
+steps may stop anywhere) is a uniformly placed window of the shard. This is what lets every chunk of
+steps be seeded on its own (see loader.py) without favouring the first samples of each shard, and lets
+four workers share one shard without reading the same window.
+
+A shard that cannot be read (missing, truncated, not a tar, wrong size) is retried for transient I/O
+errors, then skipped and counted in `stats["shards_skipped"]` (logged with its URL); with `strict`
+it raises instead. Samples lacking a .flac or .json member are skipped and counted too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import IO, Iterator
+
+import numpy as np
+
+from pipeline.sources import Corpus, Shard, open_shard, with_retries
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_RESYNC_WINDOW = 64 << 10
+
+Sample = tuple[str, dict, bytes]  # key, meta, flac bytes
+
+
+class CorruptShard(ValueError):
+    """The shard's bytes are not a well-formed tar of samples."""
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def _parse_header(header: bytes, where: str) -> tuple[str, int, bool]:
+    """(member name, data size, is a regular file) of a ustar header block."""
+    if header[257:262] != b"ustar":
+        raise CorruptShard(f"{where}: not a tar header")
+    try:
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise CorruptShard(f"{where}: bad member size") from None
+    name = header[:100].split(b"\0", 1)[0].decode()
+    prefix = header[345:500].split(b"\0", 1)[0].decode()
+    return (f"{prefix}/{name}" if prefix else name), size, header[156:157] in (b"0", b"\0")
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a member name: WebDataset keys end at the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+class _ShardFile:
+    """Positioned reads of one shard; a transient error reopens the shard and reads again."""
+
+    def __init__(self, shard: Shard, storage_options: dict | None):
+        self.shard, self.options = shard, storage_options
+        self.file: IO[bytes] = with_retries(self._open, f"open {shard.url}")
+        self.size: int = self.file.size
+        if shard.size is not None and shard.size != self.size:
+            self.file.close()
+            raise CorruptShard(f"{shard.url}: {self.size} bytes, the manifest says {shard.size}")
+
+    def _open(self) -> IO[bytes]:
+        return open_shard(self.shard.url, self.options)
+
+    def read(self, pos: int, n: int) -> bytes:
+        def attempt() -> bytes:
+            try:
+                self.file.seek(pos)
+                return self.file.read(n)
+            except OSError:
+                self.file.close()
+                self.file = self._open()
+                raise
+        return with_retries(attempt, f"read {self.shard.url} at {pos}")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def resync(self, pos: int) -> int:
+        """Offset of the first valid tar header at or after block offset `pos` (the size if none)."""
+        while pos < self.size:
+            window = self.read(pos, _RESYNC_WINDOW + BLOCK)
+            hit = window.find(b"ustar", 257)
+            while 0 <= hit < _RESYNC_WINDOW + 257:
+                start = hit - 257
+                if start % BLOCK == 0 and _checksum_ok(window[start:start + BLOCK]):
+                    return pos + start
+                hit = window.find(b"ustar", hit + 1)
+            pos += _RESYNC_WINDOW
+        return self.size
+
+    def members(self, pos: int, stop: int) -> Iterator[tuple[int, str, bytes]]:
+        """(header offset, name, data) of the regular members from `pos` up to offset `stop`."""
+        url = self.shard.url
+        while pos < stop:
+            header = self.read(pos, BLOCK)
+            if header == _ZERO_BLOCK:
+                return
+            if len(header) < BLOCK:
+                raise CorruptShard(f"{url}: truncated at byte {pos} (no end-of-archive marker)")
+            name, size, regular = _parse_header(header, f"{url} at byte {pos}")
+            data = self.read(pos + BLOCK, size)
+            if len(data) < size:
+                raise CorruptShard(f"{url}: member {name} truncated ({len(data)} of {size} bytes)")
+            if regular:
+                yield pos, name, data
+            pos += BLOCK + size + (-size % BLOCK)
+
+
+def group_of(key: str, meta: dict) -> str:
+    """The unit of cross-utterance positives; the utterance itself when the metadata has none."""
+    return str(meta.get("group") or key)
+
+
+def _samples(members: Iterator[tuple[int, str, bytes]], url: str, stats: Counter) -> Iterator[tuple[int, Sample]]:
+    """(offset of its first member, sample) for consecutive members sharing a key, when complete."""
+    pos, key, parts = 0, None, {}
+    for offset, name, data in members:
+        k, ext = _split(name)
+        if k != key:
+            if key is not None:
+                yield from _complete(pos, key, parts, url, stats)
+            pos, key, parts = offset, k, {}
+        parts[ext] = data
+    if key is not None:
+        yield from _complete(pos, key, parts, url, stats)
+
+
+def _complete(pos: int, key: str, parts: dict[str, bytes], url: str, stats: Counter) -> Iterator[tuple[int, Sample]]:
+    if "flac" not in parts or "json" not in parts:
+        return  # a sample cut by the visit's entry point: read whole on the wrap-around
+    try:
+        meta = json.loads(parts["json"])
+    except ValueError:
+        stats["samples_skipped"] += 1
+        log.warning("%s: %s.json is not JSON; sample skipped", url, key)
+        return
+    yield pos, (key, meta, parts["flac"])
+
+
+def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: Counter) -> Iterator[Sample]:
+    """Every sample of one shard once, from the first group boundary after a random block, wrapping
+    around. Starting at a group boundary keeps groups whole for cross-utterance views."""
+    f = _ShardFile(shard, storage_options)
+    try:
+        entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
+        ahead = _samples(f.members(entry, f.size), shard.url, stats)
+        cut = next(ahead, None)  # its group may have begun before the entry: the wrap-around reads it
+        wrap_at = f.size
+        for pos, sample in ahead:
+            if wrap_at == f.size:
+                if group_of(*sample[:2]) == group_of(*cut[1][:2]):
+                    continue
+                wrap_at = pos
+            yield sample
+        for _, sample in _samples(f.members(0, wrap_at), shard.url, stats):
+            yield sample
+    finally:
+        f.close()
+
+
+def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None,
+                   strict: bool, stats: Counter) -> Iterator[Sample]:
+    """An endless stream of samples from random visits of the corpus's shards."""
+    barren = 0  # consecutive visits that gave nothing: all shards broken must fail, not spin
+    while True:
+        shard = corpus.shards[int(rng.integers(len(corpus.shards)))]
+        stats["shards_opened"] += 1
+        got = 0
+        try:
+            for sample in visit(shard, rng, storage_options, stats):
+                got += 1
+                stats["samples_read"] += 1
+                yield sample
+        except (OSError, CorruptShard) as e:
+            if strict:
+                raise
+            stats["shards_skipped"] += 1
+            log.warning("shard skipped (%d so far): %s: %s", stats["shards_skipped"], shard.url, e)
+        barren = 0 if got else barren + 1
+        if barren > 10 + 2 * len(corpus.shards):
+            raise RuntimeError(f"{corpus.spec}: no readable sample in {barren} shard visits in a row")
+
+
+def mixed_samples(corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
+                  storage_options: dict | None, strict: bool, stats: Counter) -> Iterator[Sample]:
+    """Samples drawn from the corpora with the given probabilities, one choice per sample."""
+    streams = [corpus_samples(c, rng, storage_options, strict, stats) for c in corpora]
+    try:
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        cumulative = np.cumsum(weights)
+        while True:
+            i = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(streams) - 1)
+            yield next(streams[i])
+    finally:
+        for s in streams:
+            s.close()

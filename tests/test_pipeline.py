@@ -1,0 +1,299 @@
+"""The streaming pipeline on real tar shards: splitting, epochs, views, corruption, resume, S3.
+
+Every utterance is a ramp: sample i of utterance u holds (slope_u * (i + phase_u)) mod 2**16, so a
+crop tells which utterance of its group it came from (its slope) and where it started (its phase),
+and FLAC round-trips it exactly.
+"""
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.loader import Batch, DataConfig, make_loader, views_to_device
+from pipeline.stream import CorruptShard
+from shards import storage
+from shards.format import Manifest, build_shard, decode_audio, encode_flac, sample_key, shard_name, write_manifest
+
+SR = 16000
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+def ramp(slope: int, phase: int, n: int) -> np.ndarray:
+    return ((slope * (np.arange(n, dtype=np.int64) + phase)) % 65536 - 32768).astype(np.int16)
+
+
+def make_set(url: str, shard_sizes: list[int], group_size: int = 3, seconds=(1.0, 2.5), seed: int = 0,
+             corpus: str = "syn", manifest: bool = True) -> dict[str, tuple[int, int, int]]:
+    """Write shards of ramps; return {key: (slope, phase, num_samples)}."""
+    rng = np.random.default_rng(seed)
+    truth, stats, u = {}, [], 0
+    for s, size in enumerate(shard_sizes):
+        samples = []
+        for i in range(size):
+            group = f"{corpus}-s{s}-g{i // group_size}"
+            slope, phase, n = 1 + i % group_size, int(rng.integers(65536)), int(rng.uniform(*seconds) * SR)
+            key = sample_key(corpus, f"spk{i // group_size}", group, f"u{u}")
+            meta = {"utt": f"u{u}", "corpus": corpus, "speaker": f"spk{i // group_size}", "session": group,
+                    "group": group, "duration": n / SR, "num_samples": n, "sample_rate": SR, "source": "ramp"}
+            samples.append((key, meta, encode_flac(ramp(slope, phase, n))))
+            truth[key] = (slope, phase, n)
+            u += 1
+        data, st = build_shard(samples, shard_name(corpus, s))
+        storage.write_bytes(storage.join(url, st.name), data)
+        stats.append(vars(st))
+    if manifest:
+        write_manifest(url, Manifest(corpus=corpus, prefix=corpus, shards=stats))
+    return truth
+
+
+def config(train, **kw) -> DataConfig:
+    base = dict(train=train, views=[0.5, 0.5], batch_size=4, workers=0, shuffle_buffer=16,
+                steps_per_epoch=6, min_duration=0.3, chunk_steps=2)
+    return DataConfig(**{**base, **kw})
+
+
+def crop_slope(crop: np.ndarray) -> int:
+    """The slope of the ramp a crop was cut from: which utterance of its group."""
+    return int((int(crop[1]) - int(crop[0])) % 65536)
+
+
+def is_crop_of(crop: np.ndarray, whole: np.ndarray) -> bool:
+    """Whether `crop` is a contiguous run of `whole`, repeated cyclically when longer than it."""
+    return any(np.array_equal(np.take(whole, np.arange(len(crop)) + start, mode="wrap"), crop)
+               for start in np.flatnonzero(whole == crop[0]))
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("shards"))
+    return url, make_set(url, [24, 24, 24])
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """A hung loader fails the test instead of the session."""
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+
+
+def keys_by_stream(loader, workers: int) -> dict[int, list[tuple[str, ...]]]:
+    streams: dict[int, list[tuple[str, ...]]] = {}
+    for i, batch in enumerate(loader):
+        streams.setdefault(i % workers, []).append(tuple(batch.keys))
+    return streams
+
+
+def test_ranks_and_workers_read_different_orders_that_change_each_epoch(shard_set):
+    url, _ = shard_set
+    cfg = config(url, workers=2, steps_per_epoch=8)
+    orders = {}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            for stream, keys in keys_by_stream(make_loader(cfg, epoch, rank, 2), 2).items():
+                orders[epoch, rank, stream] = keys
+    epoch0 = [orders[0, r, s] for r in (0, 1) for s in (0, 1)]
+    assert len(set(map(tuple, epoch0))) == 4
+    for r in (0, 1):
+        for s in (0, 1):
+            assert orders[0, r, s] != orders[1, r, s]
+    # the same arguments give the same stream
+    again = keys_by_stream(make_loader(cfg, 1, 1, 2), 2)
+    assert again[0] == orders[1, 1, 0] and again[1] == orders[1, 1, 1]
+
+
+def test_steps_per_epoch_equal_on_every_rank_whatever_the_shards(tmp_path):
+    url = str(tmp_path)
+    make_set(url, [1, 40, 5, 2])
+    for workers in (0, 3):
+        cfg = config(url, workers=workers, steps_per_epoch=7)
+        counts = []
+        for rank in range(3):
+            loader = make_loader(cfg, 0, rank, 3)
+            counts.append(sum(1 for _ in loader))
+            assert len(loader) == 7
+        assert counts == [7, 7, 7]
+
+
+def test_one_shard_with_four_workers_does_not_hang(tmp_path):
+    url = str(tmp_path)
+    make_set(url, [5])
+    loader = make_loader(config(url, workers=4, steps_per_epoch=9), 0, 0, 1)
+    batches = list(loader)
+    assert len(batches) == 9
+    assert len({tuple(b.keys) for b in batches}) > 1  # workers entered the shard at different points
+    assert loader.stats["batches"] == 9 and loader.stats["shards_skipped"] == 0
+
+
+def test_views_are_fixed_shape_int16_crops_of_their_utterance(shard_set):
+    url, truth = shard_set
+    cfg = config(url, views=[1.5, 0.5, 0.25], batch_size=5, steps_per_epoch=8, min_duration=1.2)
+    loader = make_loader(cfg, 0, 0, 1)
+    for batch in loader:
+        assert isinstance(batch, Batch)
+        assert [tuple(v.shape) for v in batch.views] == [(5, 24000), (5, 8000), (5, 4000)]
+        assert all(v.dtype == torch.int16 for v in batch.views)
+        assert len(batch.keys) == len(batch.groups) == 5
+        for row, key in enumerate(batch.keys):
+            slope, phase, n = truth[key]
+            whole = ramp(slope, phase, n)
+            for view in batch.views:
+                assert is_crop_of(view[row].numpy(), whole), key
+    assert loader.stats["short_skipped"] > 0  # utterances under 1.2 s
+    assert loader.stats["short_padded"] > 0  # 1.2-1.5 s utterances fill the 1.5 s view by repetition
+    floats = views_to_device(batch, "cpu")
+    assert all(f.dtype == torch.float32 and f.abs().max() <= 1.0 for f in floats)
+    torch.testing.assert_close(floats[0] * 32768.0, batch.views[0].float())
+
+
+def test_seek_reader_matches_decode_audio(shard_set):
+    from pipeline.views import _read_spans
+    from shards.format import iter_samples
+
+    url, _ = shard_set
+    key, meta, flac = next(iter_samples(storage.join(url, shard_name("syn", 0))))
+    spans = [(0, 100), (300, 5000), (9000, 4000)]
+    for (start, frames), got in zip(spans, _read_spans(key, flac, spans)):
+        np.testing.assert_array_equal(got, decode_audio(flac, start, frames))
+
+
+def test_cross_utterance_views_come_from_other_utterances_of_the_group(tmp_path):
+    url = str(tmp_path)
+    truth = make_set(url, [12, 12], group_size=3)
+    make_set(str(tmp_path / "singles"), [6], group_size=1, corpus="one")
+    cfg = config([url, str(tmp_path / "singles")], weights=[0.8, 0.2], mode="cross-utterance",
+                 views=[0.5, 0.5, 0.25], steps_per_epoch=8)
+    loader = make_loader(cfg, 0, 0, 1)
+    checked = 0
+    for batch in loader:
+        for row, (key, group) in enumerate(zip(batch.keys, batch.groups)):
+            slopes = [crop_slope(v[row].numpy()) for v in batch.views]
+            if key.startswith("one/"):
+                assert len(set(slopes)) == 1  # a one-utterance group falls back to same-utterance
+                continue
+            assert group == key.split("/")[2]
+            assert slopes[0] == truth[key][0]  # the anchor gives the first view
+            assert slopes[1] != slopes[0]  # the second comes from another utterance of the group
+            assert set(slopes) <= {1, 2, 3}
+            checked += 1
+    assert checked > 10
+    stats = loader.stats
+    assert stats["fallbacks"] > 0 and 0 < stats["fallback_rate"] < 1
+
+
+def test_group_aware_shuffle_avoids_two_samples_of_a_group_in_a_batch(tmp_path):
+    url = str(tmp_path)
+    make_set(url, [60], group_size=4)
+    loader = make_loader(config(url, batch_size=6, shuffle_buffer=40, chunk_steps=4, steps_per_epoch=8), 0, 0, 1)
+    for batch in loader:
+        assert len(set(batch.groups)) == len(batch.groups)
+    assert loader.stats["dup_group_rate"] == 0.0
+    # with a buffer smaller than the batch there is no choice, and the rate says so
+    loader = make_loader(config(url, batch_size=6, shuffle_buffer=2, steps_per_epoch=4), 0, 0, 1)
+    list(loader)
+    assert loader.stats["dup_group_rate"] > 0
+
+
+def test_corpora_mix_with_weights(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_set(a, [20], corpus="aa")
+    make_set(b, [20], corpus="bb")
+    only_a = Counter(k.split("/")[0] for batch in make_loader(config([a, b], weights=[1, 0]), 0, 0, 1)
+                     for k in batch.keys)
+    assert set(only_a) == {"aa"}
+    mixed = Counter(k.split("/")[0] for batch in make_loader(config([a, b], weights=[3, 1], steps_per_epoch=20), 0, 0, 1)
+                    for k in batch.keys)
+    assert mixed["aa"] > 2 * mixed["bb"] > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_broken_shard_in_the_middle_is_skipped_and_counted(tmp_path, damage):
+    url = str(tmp_path)
+    make_set(url, [12, 12, 12], manifest=False)
+    middle = tmp_path / shard_name("syn", 1)
+    data = middle.read_bytes()
+    if damage == "truncated":
+        middle.write_bytes(data[: len(data) // 2 + 100])
+    else:
+        middle.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    pattern = f"{url}/syn-{{000000..000002}}.tar"
+    loader = make_loader(config(pattern, workers=2, chunk_steps=1, steps_per_epoch=12), 0, 0, 1)
+    assert sum(1 for _ in loader) == 12  # the run goes on
+    assert loader.stats["shards_skipped"] >= 1
+    with pytest.raises(CorruptShard, match="syn-000001.tar"):
+        list(make_loader(config(pattern, chunk_steps=1, steps_per_epoch=12, strict=True), 0, 0, 1))
+
+
+def test_shard_shorter_than_its_manifest_says_is_skipped(tmp_path):
+    url = str(tmp_path)
+    make_set(url, [12, 12, 12])
+    middle = tmp_path / shard_name("syn", 1)
+    middle.write_bytes(middle.read_bytes()[:-10240])  # cut at a member boundary: only the size tells
+    loader = make_loader(config(url, chunk_steps=1, steps_per_epoch=12), 0, 0, 1)
+    assert sum(1 for _ in loader) == 12
+    assert loader.stats["shards_skipped"] >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_step_resumes_with_the_same_batches(shard_set, workers):
+    url, _ = shard_set
+    cfg = config(url, workers=workers, steps_per_epoch=9, chunk_steps=3)
+    full = list(make_loader(cfg, 2, 1, 2))
+    for start in (4, 7):
+        resumed = list(make_loader(cfg, 2, 1, 2, start_step=start))
+        assert len(resumed) == 9 - start
+        for a, b in zip(full[start:], resumed):
+            assert a.keys == b.keys
+            for va, vb in zip(a.views, b.views):
+                assert torch.equal(va, vb)
+
+
+def test_a_stream_from_s3(s3_url, tmp_path):
+    truth = make_set(s3_url, [10, 10])
+    loader = make_loader(config(s3_url, workers=2, steps_per_epoch=6), 0, 0, 1)
+    keys = [k for batch in loader for k in batch.keys]
+    assert len(keys) == 24 and set(keys) <= set(truth)
+    assert loader.stats["shards_skipped"] == 0
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="data.mode"):
+        config("x", mode="nope")
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        make_loader(config(str(tmp_path)), 0, 0, 1)
+    with pytest.raises(ValueError, match="data.weights"):
+        make_loader(config([str(tmp_path)], weights=[1, 2]), 0, 0, 1)
+
+
+def test_transient_errors_are_retried_and_missing_objects_are_not():
+    from pipeline.sources import with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "data"
+
+    assert with_retries(flaky, "flaky", backoff=0.001) == "data" and len(calls) == 3
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "missing", backoff=0.001)
+    assert len(calls) == 1
+
+
+def test_a_corpus_with_no_readable_shard_fails_instead_of_spinning(tmp_path):
+    for i in range(2):
+        (tmp_path / f"bad-{i:06d}.tar").write_bytes(b"\x01" * 4096)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        list(make_loader(config(f"{tmp_path}/bad-{{000000..000001}}.tar"), 0, 0, 1))
