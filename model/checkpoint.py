@@ -3,16 +3,62 @@
 Layout (format 1): {"format": 1, "recipe": plain dict of the recipe (sections data, augment, model,
 method, optim, train), "method": SSLMethod.state_dict() (unwrapped from DDP), "step": int, ...
 training state added by the trainer (optimizer, scaler, schedules, RNG, stream position)}.
+
+Files in a run's out_dir: `ckpt-<step:08d>.pt` every train.ckpt_every steps (the last K kept) and
+`last.pt` when training completes. `last.pt`, when present, is always the newest: a run resumed
+to train further removes it with its first new checkpoint.
 """
 from __future__ import annotations
 
 import io
+import re
 
 import torch
 
 from shards import storage
 
 CHECKPOINT_FORMAT = 1
+LAST = "last.pt"
+_PERIODIC = re.compile(r"ckpt-(\d{8})\.pt$")
+
+
+def save_checkpoint(ckpt: dict, out_dir: str, final: bool = False, keep_last: int = 3,
+                    storage_options: dict | None = None) -> str:
+    """Write `ckpt` (with "step") atomically as ckpt-<step>.pt, or last.pt when `final`; return its URL.
+
+    Older periodic checkpoints beyond `keep_last` (0 keeps all) go only after the new one is complete.
+    """
+    url = storage.join(out_dir, LAST if final else f"ckpt-{ckpt['step']:08d}.pt")
+    buf = io.BytesIO()
+    torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, buf)
+    with storage.open_atomic(url, storage_options) as f:
+        f.write(buf.getbuffer())
+    if not final:
+        names = _names(out_dir, storage_options)
+        periodic = sorted(n for n in names if _PERIODIC.match(n))
+        stale = (periodic[:-keep_last] if keep_last > 0 else []) + ([LAST] if LAST in names else [])
+        for name in stale:
+            fs, path = storage.filesystem(storage.join(out_dir, name), storage_options)
+            fs.rm(path)
+    return url
+
+
+def _names(out_dir: str, storage_options: dict | None) -> list[str]:
+    """File names in out_dir, listed afresh; [] when it does not exist."""
+    fs, path = storage.filesystem(out_dir, storage_options)
+    fs.invalidate_cache(path)  # object-store listings are cached per filesystem instance
+    try:
+        return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def latest_checkpoint(out_dir: str, storage_options: dict | None = None) -> str | None:
+    """URL of the newest checkpoint in out_dir (last.pt if training completed), or None."""
+    names = _names(out_dir, storage_options)
+    periodic = sorted(n for n in names if _PERIODIC.match(n))
+    newest = LAST if LAST in names else (periodic[-1] if periodic else None)
+    return storage.join(out_dir, newest) if newest else None
 
 
 def read_checkpoint(url: str, storage_options: dict | None = None) -> dict:

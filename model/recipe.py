@@ -1,0 +1,209 @@
+"""Recipes: one YAML file (sections data, augment, model, method, optim, train) plus `key=value`
+overrides from the command line, turned into plain dataclasses with every key and type checked.
+
+A mistyped key must not silently train the default for hours, so an unknown key or a wrong type
+stops with one line naming it (`optim.lr: expected float, got 'fast'`) and the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.encoders import EncoderConfig
+from model.methods import METHODS
+from model.methods.base import MethodConfig
+from pipeline.augment import AugmentConfig
+from pipeline.loader import DataConfig
+
+
+class RecipeError(ValueError):
+    """A bad recipe or override; the message is one line naming the key at fault."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"               # sgd | adamw
+    lr: float = 0.2                 # peak learning rate, reached after warm-up
+    final_lr: float = 1e-5          # end of the cosine decay
+    warmup_epochs: float = 2.0      # linear warm-up from ~0 to lr
+    weight_decay: float = 5e-5      # start of its own cosine schedule (DINO raises it over training)
+    final_weight_decay: float = 5e-5
+    momentum: float = 0.9           # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    grad_clip: float = 0.0          # max global grad norm; 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"   # local path or fsspec URL: checkpoints, metrics.jsonl, TensorBoard
+    epochs: int = 1                 # an epoch is data.steps_per_epoch steps on every rank
+    log_every: int = 50             # steps between metric lines (and NaN checks)
+    ckpt_every: int = 1000          # steps between checkpoints; one more is written at the end
+    keep_last: int = 3              # periodic checkpoints kept
+    bf16: bool = True               # autocast on CUDA (the fbank front-end stays fp32)
+    sync_bn: bool = False           # SyncBatchNorm across ranks
+    compile: bool = False           # torch.compile the encoder
+    tensorboard: bool = False       # also write TensorBoard scalars to out_dir/tb (local out_dir only)
+    trials: str = ""                # optional trial list `label enroll test` for periodic validation EER
+    trials_audio: str = ""          # audio root the trial paths are relative to
+    val_every: int = 0              # steps between validations; 0 = only at the end (if trials given)
+    seed: int = 0                   # model init and augmentation draws (data.seed drives the stream)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for out_dir (s3 keys, endpoint)
+
+
+@dataclass
+class Recipe:
+    data: DataConfig
+    augment: AugmentConfig
+    model: EncoderConfig
+    method: MethodConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+
+SECTIONS = ("data", "augment", "model", "method", "optim", "train")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; recipes mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as a YAML scalar or list (`0.1`, `true`, `[4.0, 2.0]`); else the raw text."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (`optim.lr=0.1`) in a nested dict; checking happens when building sections."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise RecipeError(f"override {item!r}: expected section.key=value, sections: {', '.join(SECTIONS)}")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            if node.get(part) is None:  # `augment:` with nothing under it is an empty section
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part} is not a section")
+        node[leaf] = parse_value(text)
+    return tree
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`, or RecipeError. Ints pass as floats; numbers pass as strings."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except RecipeError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else Any
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build_section(tp, value, key)
+    else:
+        raise RecipeError(f"{key}: unsupported field type {_type_name(tp)}")
+    raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build_section(cls: type, values: dict | None, prefix: str) -> Any:
+    """An instance of dataclass `cls` from a dict, every key known and every value of the right type."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in values:
+        if key not in names:
+            raise RecipeError(f"{prefix}.{key}: unknown key; valid keys: {', '.join(names)}")
+    checked = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except ValueError as e:  # the section's own checks (__post_init__) name their key
+        raise RecipeError(" ".join(str(e).split())) from None
+
+
+def _method_class(values: dict | None) -> type:
+    name = (values or {}).get("name", "")
+    if name not in METHODS:
+        raise RecipeError(f"method.name: expected one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name].Config
+
+
+def recipe_from_dict(tree: dict) -> Recipe:
+    """A Recipe from a nested dict (a parsed YAML file, or the `recipe` entry of a checkpoint)."""
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe: expected sections {', '.join(SECTIONS)}")
+    for section in tree:
+        if section not in SECTIONS:
+            raise RecipeError(f"{section}: unknown section; valid sections: {', '.join(SECTIONS)}")
+    classes = {"data": DataConfig, "augment": AugmentConfig, "model": EncoderConfig,
+               "method": _method_class(tree.get("method")), "optim": OptimConfig, "train": TrainConfig}
+    recipe = Recipe(**{s: build_section(classes[s], tree.get(s), s) for s in SECTIONS})
+    if recipe.optim.name not in OPTIMIZERS:
+        raise RecipeError(f"optim.name: expected one of {', '.join(OPTIMIZERS)}, got {recipe.optim.name!r}")
+    return recipe
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, check every key and type."""
+    try:
+        tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe not found") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    return recipe_from_dict(apply_overrides(tree, list(overrides or [])))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain nested dict (YAML/JSON/checkpoint friendly); recipe_from_dict inverts it."""
+    return dataclasses.asdict(recipe)

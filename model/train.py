@@ -1,0 +1,330 @@
+"""The training loop, nanoGPT-style: one function from recipe to checkpoints, DDP when under torchrun.
+
+Per step: the next batch of views (int16, pinned) goes to the device, each view gets its own
+augmentation draw there, the method returns (loss, stats), then backward, clip, optimizer step and
+the method's own after-step update (EMA teachers, queues). Everything a step depends on (weights,
+optimizer, method buffers, step, RNG states, stream position) is in the checkpoint, so a run that
+was killed and resumed follows the trajectory of one that was not.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from model import distributed
+from model.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from model.logs import Meter, MetricsLog
+from model.methods import build_method
+from model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
+from model.schedules import cosine, warmup_cosine
+from pipeline.augment import Augmenter
+from pipeline.loader import make_loader, views_to_device
+from shards import storage
+from shards.format import MANIFEST
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, nothing to resume); the message is one line."""
+
+
+_stop_signal = 0
+
+
+def _request_stop(signum, frame) -> None:
+    # Only a flag: the step in flight finishes and every rank stops at the same step boundary.
+    global _stop_signal
+    _stop_signal = signum
+
+
+def setup_distributed() -> tuple[torch.device, dist.ProcessGroup | None]:
+    """(device, CPU group for control flags); a process group when launched by torchrun.
+
+    Stop flags and RNG states travel over gloo even when gradients use NCCL, so checking them
+    every step does not synchronise the GPU.
+    """
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+        return device, dist.new_group(backend="gloo")
+    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    return torch.device("cpu"), dist.group.WORLD
+
+
+def build_optimizer(method: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Weight decay on weight matrices only, not on biases and norm scales (DINO, MoCo v3)."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "decay": True},
+              {"params": [p for p in params if p.ndim < 2], "decay": False}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def rng_state(augmenter: Augmenter) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "augment": augmenter.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, augmenter: Augmenter) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    augmenter.load_state_dict(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def find_resume(recipe: Recipe, resume: bool | str) -> str | None:
+    """The checkpoint to start from: the one named, else the newest in out_dir (automatic)."""
+    if isinstance(resume, str):
+        return resume
+    url = latest_checkpoint(recipe.train.out_dir, recipe.train.storage_options)
+    if resume and url is None:
+        raise TrainingError(f"--resume: no checkpoint in {recipe.train.out_dir}")
+    return url
+
+
+@contextlib.contextmanager
+def storage_errors(key: str) -> Iterator[None]:
+    """Any failure to reach a recipe's URLs as one line naming its key (botocore's errors are not OSError)."""
+    try:
+        yield
+    except (RecipeError, TrainingError):
+        raise
+    except Exception as e:
+        raise TrainingError(f"{key}: {type(e).__name__}: {e}") from e
+
+
+def check_outputs(recipe: Recipe) -> None:
+    """Fail before any training if the run could not write its results."""
+    cfg = recipe.train
+    for key in ("log_every", "ckpt_every"):
+        if getattr(cfg, key) < 1:
+            raise RecipeError(f"train.{key}: must be at least 1, got {getattr(cfg, key)}")
+    if cfg.tensorboard and not storage.is_local(cfg.out_dir):
+        raise RecipeError(f"train.tensorboard: needs a local train.out_dir, got {cfg.out_dir}")
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError("train.tensorboard: the tensorboard package is not installed") from None
+    fs, path = storage.filesystem(cfg.out_dir, cfg.storage_options)
+    fs.makedirs(path, exist_ok=True)
+
+
+def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.device) -> dict:
+    """EER and minDCF of the current embedder on train.trials (rank 0; the others wait)."""
+    from model.evaluate import EvalConfig, evaluate
+
+    shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST))
+    out = (Path(storage.filesystem(cfg.out_dir)[1]) / "val" if storage.is_local(cfg.out_dir)
+           else Path(tempfile.mkdtemp(prefix="voxstream-val-")))
+    embedder = method.embedder()
+    modes = [(m, m.training) for m in embedder.modules()]
+    embedder.eval()
+    try:
+        report = evaluate(embedder, EvalConfig(
+            trials=[cfg.trials], audio_root="" if shards else cfg.trials_audio,
+            shards=cfg.trials_audio if shards else "", out=str(out / f"step-{step:08d}"), device=str(device)))
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+    scoring = next(iter(report["lists"].values()))["scoring"]
+    metrics = scoring[list(scoring)[-1]]  # the list's final scoring (AS-norm when configured)
+    return {"val_eer": metrics["eer"], "val_min_dcf_0.01": metrics["min_dcf_0.01"]}
+
+
+def train(recipe: Recipe, resume: bool | str = False) -> int:
+    """Train until recipe.train.epochs are done or SIGTERM; returns the step reached."""
+    device, control = setup_distributed()
+    try:
+        return _train(recipe, resume, device, control)
+    finally:
+        if distributed.is_dist():
+            dist.destroy_process_group()
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter, views: list[torch.Tensor],
+               autocast: torch.autocast, grad_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on a batch of views already on the device; (loss, stats) stay there."""
+    with torch.no_grad():
+        if augmenter.enabled:
+            views = [augmenter(v) for v in views]  # each view its own draw: different noise, room, SNR
+    with autocast:
+        loss, stats = model(views)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stats = {**stats, "grad_norm": nn.utils.clip_grad_norm_(params, grad_clip)}
+    optimizer.step()
+    return loss, stats
+
+
+def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) -> int:
+    cfg, data, optim, rank, world = recipe.train, recipe.data, recipe.optim, distributed.rank(), distributed.world_size()
+    with storage_errors("train.out_dir"):
+        check_outputs(recipe)
+    steps_per_epoch, utterances_per_step = data.steps_per_epoch, data.batch_size * world
+    total, warmup = cfg.epochs * steps_per_epoch, round(optim.warmup_epochs * steps_per_epoch)
+    with storage_errors("train.out_dir"):
+        url = find_resume(recipe, resume)
+        ckpt = read_checkpoint(url, cfg.storage_options) if url else None
+    step = start_step = ckpt["step"] if ckpt else 0
+    epoch, skip = divmod(step, steps_per_epoch)
+    with storage_errors("data.train"):  # unreadable data fails here, before the model is built
+        loader = make_loader(data, epoch, rank, world, start_step=skip)
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    method = build_method(recipe.model, recipe.method).to(device)
+    if cfg.sync_bn and distributed.is_dist() and device.type == "cuda":  # SyncBatchNorm has no CPU kernel
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    optimizer = build_optimizer(method, optim)
+    seed_everything(cfg.seed * 1000 + rank)  # per-rank draws from here on
+    with storage_errors("augment (noise/rir banks)"):
+        augmenter = Augmenter.from_config(recipe.augment, device, seed=cfg.seed * 1000 + rank)
+    if ckpt:
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["world_size"] == world:
+            set_rng_state(ckpt["ranks"][rank]["rng"], augmenter)
+        elif rank == 0:
+            print(f"resuming on {world} ranks from {ckpt['world_size']}: fresh RNG states", file=sys.stderr)
+        del ckpt
+    model = nn.parallel.DistributedDataParallel(
+        method, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_dist() else method
+    if cfg.compile:
+        model = torch.compile(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+    log = MetricsLog(cfg.out_dir, cfg.storage_options, step if url else None, cfg.tensorboard) if rank == 0 else None
+    if rank == 0:
+        where = f"resuming from {url} at step {step}" if url else "starting"
+        print(f"{where}: {total} steps ({cfg.epochs} epochs x {steps_per_epoch}) on {world} rank(s), "
+              f"{device.type}, out_dir {cfg.out_dir}", file=sys.stderr)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    previous = signal.signal(signal.SIGTERM, _request_stop)
+    meter, run_started, last_good, lr, wd = Meter(device), time.perf_counter(), url, 0.0, 0.0
+
+    def checkpoint(final: bool) -> str:
+        """Every rank sends its step and RNG states; rank 0 writes; nobody goes on until the file exists."""
+        mine = {"step": step, "rng": rng_state(augmenter)}
+        ranks = [mine] * world
+        if distributed.is_dist():
+            dist.all_gather_object(ranks, mine, group=control)
+        saved = None
+        if rank == 0:
+            saved = save_checkpoint({
+                "recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
+                "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
+                "stream": {"seed": data.seed, "epoch": step // steps_per_epoch, "step": step % steps_per_epoch},
+                "schedules": {"lr": lr, "weight_decay": wd}}, cfg.out_dir, final, cfg.keep_last, cfg.storage_options)
+            log.sync()
+        if distributed.is_dist():
+            dist.barrier(group=control)
+        return saved or "rank 0's checkpoint"
+
+    def log_interval() -> None:
+        """Averages since the last line; stops on a NaN/inf loss before anything is saved."""
+        first_step = step - len(meter.losses)
+        record, bad = meter.summarize(utterances_per_step)
+        if bad is not None:
+            raise TrainingError(f"step {first_step + bad + 1}: loss is not finite; stopped without a checkpoint; "
+                                f"last good checkpoint: {last_good or 'none'}")
+        record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "weight_decay": wd, **record}
+        if log:
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", utt_s=f"{record['utt_per_s']:.0f}",
+                            wait=f"{record['data_wait']:.0%}", refresh=False)
+
+    try:
+        while step < total:
+            if loader is None:  # the first epoch's was made before the model, to fail fast
+                loader = make_loader(data, step // steps_per_epoch, rank, world, start_step=0)
+            fetched = time.perf_counter()
+            for batch in loader:
+                meter.waited += time.perf_counter() - fetched
+                lr = warmup_cosine(step, total, warmup, optim.lr, optim.final_lr)
+                wd = cosine(step, total, optim.weight_decay, optim.final_weight_decay)
+                set_schedules(optimizer, lr, wd)
+                views = views_to_device(batch, device)
+                loss, stats = train_step(model, optimizer, augmenter, views, autocast, optim.grad_clip)
+                method.after_step(step, total)
+                step += 1
+                meter.add(loss, stats)
+                bar.update()
+
+                stopping = _stop_requested(control)
+                periodic = step % cfg.ckpt_every == 0 and step < total
+                if step % cfg.log_every == 0 or periodic or stopping or step == total:
+                    log_interval()
+                if cfg.trials and (step == total or cfg.val_every and step % cfg.val_every == 0):
+                    if log:
+                        log.write({"step": step, **validate(method, cfg, step, device)})
+                    if distributed.is_dist():
+                        dist.barrier(group=control)
+                if periodic or stopping:
+                    last_good = checkpoint(final=False)
+                if stopping:
+                    if rank == 0:
+                        tqdm.write(f"signal {_stop_signal or 'on another rank'}: saved {last_good} at step {step}; "
+                                   "exiting", file=sys.stderr)
+                    return step
+                fetched = time.perf_counter()
+            if log:  # rank 0's pipeline counters: skipped shards, repeated groups in a batch
+                log.write({"step": step, "epoch": (step - 1) // steps_per_epoch, "pipeline": loader.stats})
+            loader = None
+        if step > start_step:
+            last_good = checkpoint(final=True)
+            if rank == 0:
+                steps, seconds = step - start_step, time.perf_counter() - run_started
+                tqdm.write(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s, "
+                           f"{steps * utterances_per_step / seconds:.1f} utterances/s, data wait "
+                           f"{meter.total_waited / seconds:.1%} on rank 0); saved {last_good}", file=sys.stderr)
+        return step
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        augmenter.close()
+        bar.close()
+        if log:
+            log.close()
+
+
+def _stop_requested(control) -> bool:
+    """True on every rank as soon as any rank got SIGTERM (so all stop at the same step)."""
+    flag = torch.tensor([_stop_signal], dtype=torch.int32)
+    if distributed.is_dist():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+    return bool(flag.item())

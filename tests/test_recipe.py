@@ -1,0 +1,90 @@
+"""Recipes: YAML + key=value overrides into dataclasses, one-line errors; LR/WD schedules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from model.schedules import cosine, warmup_cosine
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"train": "s3://bucket/vox2", "batch_size": 8, "views": [2.0, 2.0]},
+        "method": {"name": "simclr", "temperature": 0.1},
+        "optim": {"name": "adamw", "lr": 0.001},
+        "train": {"out_dir": "runs/x", "epochs": 3}}))
+    return path
+
+
+def test_yaml_and_overrides_reach_the_dataclasses(recipe_file):
+    r = load_recipe(str(recipe_file), ["optim.lr=5e-4", "data.views=[4.0, 2.0, 2.0]", "train.bf16=false",
+                                       "data.train=s3://other/{000000..000009}.tar", "method.temperature=1"])
+    assert r.optim.lr == 5e-4 and r.optim.name == "adamw"
+    assert r.data.views == [4.0, 2.0, 2.0] and r.data.batch_size == 8
+    assert r.data.train == "s3://other/{000000..000009}.tar"
+    assert r.train.bf16 is False and r.train.epochs == 3
+    assert r.method.temperature == 1.0 and isinstance(r.method.temperature, float)
+    assert type(r.method).__module__ == "model.methods.simclr"
+
+
+def test_recipe_round_trips_through_a_dict(recipe_file):
+    r = load_recipe(str(recipe_file), ["train.seed=7"])
+    again = recipe_from_dict(recipe_to_dict(r))
+    assert again == r
+    assert yaml.safe_load(yaml.safe_dump(recipe_to_dict(r))) == recipe_to_dict(r)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "optim.lrr: unknown key; valid keys: name, lr, final_lr"),
+    ("train.epochs=many", "train.epochs: expected int, got 'many'"),
+    ("train.epochs=2.5", "train.epochs: expected int, got 2.5"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("train.bf16=3", "train.bf16: expected bool, got 3"),
+    ("data.views=[2.0, x]", "data.views[1]: expected float, got 'x'"),
+    ("trian.epochs=1", "trian: unknown section; valid sections: data, augment, model, method, optim, train"),
+    ("method.name=byol", "method.name: expected one of simclr"),
+    ("method.temprature=0.1", "method.temprature: unknown key; valid keys: name, temperature"),
+    ("optim.name=lamb", "optim.name: expected one of sgd, adamw, got 'lamb'"),
+    ("epochs=3", "override 'epochs=3': expected section.key=value"),
+    ("train.epochs", "override 'train.epochs': expected section.key=value"),
+])
+def test_bad_keys_and_types_name_the_key(recipe_file, override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(recipe_file), [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError, match="nope.yaml: recipe not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError, match="bad.yaml: not valid YAML"):
+        load_recipe(str(bad))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    r = load_recipe(str(path))
+    assert r.data.steps_per_epoch > 0 and r.train.epochs > 0 and r.data.batch_size > 0
+
+
+def test_warmup_then_cosine_to_the_final_value():
+    total, warmup, peak, final = 100, 10, 1.0, 0.01
+    lrs = [warmup_cosine(s, total, warmup, peak, final) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))            # rising during warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then never rising
+    assert lrs[10] == pytest.approx(peak) and lrs[total] == pytest.approx(final)
+    assert lrs[55] == pytest.approx((peak + final) / 2)               # half-way down the cosine
+    assert cosine(0, 50, 0.04, 0.4) == pytest.approx(0.04) and cosine(50, 50, 0.04, 0.4) == pytest.approx(0.4)
+    assert cosine(80, 50, 0.04, 0.4) == pytest.approx(0.4)           # held after the end

@@ -1,0 +1,276 @@
+"""Training end to end: real torchrun processes (gloo, CPU) streaming shards from the real S3 server,
+checkpoints, exact resume after a kill, SIGTERM, NaN stops, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
+from model.recipe import load_recipe
+from model.train import TrainingError, train
+from pipeline.banks import write_clip_set
+from shards import storage
+from shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH, EPOCHS = 8, 3
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+
+def speechlike(rng: np.random.Generator, f0: float, formants: np.ndarray, seconds: float) -> np.ndarray:
+    """A harmonic source at a wobbling pitch, shaped by a speaker's formants, with syllable-rate bursts."""
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    pitch = f0 * (1 + 0.06 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)))
+    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+    source = sum(np.sin(k * phase) / k for k in range(1, 12)) + 0.3 * rng.standard_normal(n)
+    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+    shape = sum(np.exp(-0.5 * ((freqs - f) / 120) ** 2) for f in formants) + 0.05
+    wave = np.fft.irfft(np.fft.rfft(source) * shape, n)
+    wave *= 0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(3, 5) * t + rng.uniform(0, 6)) ** 2
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def write_speech_set(url: str, speakers: int = 8, sessions: int = 2, utts: int = 3, shards: int = 2) -> None:
+    """A complete shard set (manifest last) of speech-like utterances, sessions contiguous."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for s in range(speakers):
+        f0, formants = rng.uniform(90, 250), np.sort(rng.uniform(300, 3500, 3))
+        for v in range(sessions):
+            for u in range(utts):
+                wave = speechlike(rng, f0, formants, seconds=2.0)
+                spk, session, utt = f"spk{s}", f"s{s}v{v}", f"{u:05d}"
+                meta = {"utt": utt, "corpus": "synth", "speaker": spk, "session": session, "group": session,
+                        "duration": len(wave) / SAMPLE_RATE, "num_samples": len(wave),
+                        "sample_rate": SAMPLE_RATE, "source": f"{spk}/{session}/{utt}.wav"}
+                samples.append((sample_key("synth", spk, session, utt), meta, encode_flac(wave)))
+    per = len(samples) // shards
+    stats = []
+    for i in range(shards):
+        data, st = build_shard(samples[i * per:(i + 1) * per], shard_name("train", i))
+        storage.write_bytes(storage.join(url, st.name), data)
+        stats.append(asdict(st))
+    write_manifest(url, Manifest(corpus="synth", prefix="train", shards=stats))
+
+
+def write_banks(url: str) -> tuple[str, str]:
+    rng = np.random.default_rng(1)
+    noise = [(kind, (0.1 * rng.standard_normal(3 * SAMPLE_RATE)).astype(np.float32))
+             for kind in ("noise", "music", "speech", "speech", "speech")]
+    decay = np.exp(-np.arange(SAMPLE_RATE // 4) / 800.0)
+    rirs = [("rir", (decay * rng.standard_normal(len(decay))).astype(np.float32)) for _ in range(3)]
+    write_clip_set(f"{url}/musan", "musan", noise)
+    write_clip_set(f"{url}/rirs", "rirs", rirs)
+    return f"{url}/musan", f"{url}/rirs"
+
+
+def tiny_recipe(folder: Path, data: str, noise: str = "", rir: str = "") -> Path:
+    """A few-second-per-epoch recipe: tiny ECAPA, SimCLR, 2 x 1 s views, batch 4 per rank."""
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"train": data, "batch_size": 4, "views": [1.0, 1.0], "workers": 1, "shuffle_buffer": 16,
+                 "steps_per_epoch": STEPS_PER_EPOCH, "min_duration": 1.0, "seed": 3},
+        "augment": {"noise": noise, "rir": rir, "segment_seconds": 1.0, "rir_seconds": 0.25},
+        "model": {"name": "ecapa", "channels": 16, "embed_dim": 16, "n_mels": 24},
+        "method": {"name": "simclr", "projector_hidden_dim": 32, "projector_output_dim": 16},
+        "optim": {"name": "sgd", "lr": 0.05, "final_lr": 0.001, "warmup_epochs": 0.5, "grad_clip": 5.0},
+        "train": {"out_dir": str(folder / "run"), "epochs": EPOCHS, "log_every": 1, "ckpt_every": 8,
+                  "keep_last": 2, "seed": 5}}))
+    return path
+
+
+def torchrun(recipe: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "train.py"), "--config", str(recipe), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended early:\n{proc.communicate()[0][-4000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def s3_sets(s3_server):
+    base = f"s3://{s3_server.bucket}/train-tests"
+    write_speech_set(f"{base}/speech")
+    noise, rir = write_banks(base)
+    return f"{base}/speech", noise, rir
+
+
+@pytest.fixture(scope="module")
+def reference(s3_sets, tmp_path_factory):
+    """One uninterrupted 2-rank run (the trajectory the other tests compare against)."""
+    folder = tmp_path_factory.mktemp("reference")
+    recipe = tiny_recipe(folder, *s3_sets)
+    out = finish(torchrun(recipe))
+    return folder, recipe, out
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_from_s3_and_the_checkpoint_loads(reference):
+    folder, recipe, out = reference
+    run = folder / "run"
+    assert sorted(losses(run)) == list(range(1, TOTAL + 1))
+    ckpt = read_checkpoint(str(run / "last.pt"))
+    assert ckpt["step"] == TOTAL and [r["step"] for r in ckpt["ranks"]] == [TOTAL, TOTAL]
+    assert [p.name for p in sorted(run.glob("ckpt-*.pt"))] == ["ckpt-00000008.pt", "ckpt-00000016.pt"]
+    method, saved = load_method(str(run / "last.pt"))
+    assert saved["data"]["train"].startswith("s3://") and saved["train"]["epochs"] == EPOCHS
+    with torch.no_grad():
+        emb = method.embedder()(torch.randn(2, SAMPLE_RATE))
+    assert emb.shape == (2, 16) and torch.isfinite(emb).all()
+    first, last = np.mean([losses(run)[s] for s in (1, 2, 3)]), np.mean([losses(run)[s] for s in (22, 23, 24)])
+    assert last < first, "the loss should come down over 24 steps"
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_follows_the_same_trajectory(reference, tmp_path):
+    ref_folder, _, _ = reference
+    recipe = tiny_recipe(tmp_path, *_sets_of(ref_folder))
+    run = tmp_path / "run"
+    proc = torchrun(recipe)
+    wait_for(lambda: (run / "ckpt-00000008.pt").exists(), proc)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # a crash: no SIGTERM, no chance to save
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "last.pt").exists(), "the run finished before it could be killed"
+    out = finish(torchrun(recipe))  # no flag: a checkpoint in out_dir is resumed automatically
+    assert "resuming from" in out
+    expected, got = losses(ref_folder / "run"), losses(run)
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)],
+                               rtol=1e-5, atol=1e-6)
+
+
+def _sets_of(folder: Path) -> tuple[str, str, str]:
+    cfg = yaml.safe_load((folder / "tiny.yaml").read_text())
+    return cfg["data"]["train"], cfg["augment"]["noise"], cfg["augment"]["rir"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(s3_sets, tmp_path):
+    recipe = tiny_recipe(tmp_path, *s3_sets)
+    run = tmp_path / "run"
+    proc = torchrun(recipe, "train.epochs=100", "train.ckpt_every=1000")
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers, as on a preemption
+    out, _ = proc.communicate(timeout=60)
+    saved = sorted(run.glob("ckpt-*.pt"))
+    assert len(saved) == 1 and not (run / "last.pt").exists(), out[-3000:]
+    ckpt = read_checkpoint(str(saved[0]))
+    assert 3 <= ckpt["step"] < 100 * STEPS_PER_EPOCH
+    assert [r["step"] for r in ckpt["ranks"]] == [ckpt["step"]] * 2
+    assert f"saved {saved[0]} at step {ckpt['step']}" in out
+    assert max(losses(run)) == ckpt["step"]
+
+
+def one_line_error(recipe: Path, *overrides: str, env: dict | None = None) -> tuple[int, str]:
+    """Plain-python run that must fail: (exit code, its last stderr line); no traceback allowed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(recipe), *overrides],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_bad_configs_and_unreachable_buckets_give_one_clear_line(s3_sets, tmp_path):
+    recipe = tiny_recipe(tmp_path, *s3_sets)
+    rc, line = one_line_error(recipe, "optim.lrr=0.1")
+    assert rc == 2 and line.startswith("error: optim.lrr: unknown key; valid keys: name, lr,")
+    rc, line = one_line_error(recipe, "data.batch_size=four")
+    assert rc == 2 and line == "error: data.batch_size: expected int, got 'four'"
+    rc, line = one_line_error(recipe, "data.train=s3://no-such-bucket/speech")
+    assert rc == 1 and line.startswith("error: data.train:") and "no-such-bucket/speech" in line
+    closed = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    rc, line = one_line_error(recipe, env=closed)
+    assert rc == 1 and line.startswith("error: data.train: EndpointConnectionError") and "127.0.0.1:9" in line
+
+
+@pytest.fixture
+def local_sets(tmp_path):
+    write_speech_set(str(tmp_path / "speech"), speakers=4)
+    return str(tmp_path / "speech")
+
+
+def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_sets, tmp_path):
+    recipe = tiny_recipe(tmp_path, local_sets)
+    run = tmp_path / "run"
+    assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0"])) == STEPS_PER_EPOCH
+    assert latest_checkpoint(str(run)) == str(run / "last.pt")
+    method, _ = load_method(str(run / "last.pt"))
+    assert all(torch.isfinite(p).all() for p in method.parameters())
+    # Resumed with a learning rate that blows the weights up: stopped, named, nothing written.
+    with pytest.raises(TrainingError) as e:
+        train(load_recipe(str(recipe), ["train.epochs=3", "data.workers=0", "optim.lr=1e30", "optim.grad_clip=0"]))
+    message = str(e.value)
+    bad_step = int(message.split()[1].rstrip(":"))
+    assert STEPS_PER_EPOCH < bad_step <= 2 * STEPS_PER_EPOCH and "not finite" in message
+    assert message.endswith(f"last good checkpoint: {run / 'last.pt'}")
+    assert sorted(p.name for p in run.glob("*.pt")) == ["last.pt"]
+    assert read_checkpoint(str(run / "last.pt"))["step"] == STEPS_PER_EPOCH
+    assert max(losses(run)) < bad_step
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoints_keep_the_last_k_and_last_pt_is_the_newest(where, tmp_path, request):
+    out = str(tmp_path / "ckpts") if where == "local" else request.getfixturevalue("s3_url") + "/ckpts"
+    assert latest_checkpoint(out) is None
+    for step in (10, 20, 30, 40):
+        save_checkpoint({"step": step, "w": torch.full((3,), float(step))}, out, keep_last=2)
+    fs, path = storage.filesystem(out)
+    names = lambda: sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False, refresh=True)
+                           if not n.endswith("/"))
+    assert names() == ["ckpt-00000030.pt", "ckpt-00000040.pt"]
+    assert latest_checkpoint(out).endswith("ckpt-00000040.pt")
+    save_checkpoint({"step": 50}, out, final=True, keep_last=2)
+    assert latest_checkpoint(out).endswith("last.pt") and read_checkpoint(latest_checkpoint(out))["step"] == 50
+    save_checkpoint({"step": 60}, out, keep_last=2)  # training on past a finished run: last.pt is stale now
+    assert names() == ["ckpt-00000040.pt", "ckpt-00000060.pt"]
+    assert torch.equal(read_checkpoint(storage.join(out, "ckpt-00000040.pt"))["w"], torch.full((3,), 40.0))
