@@ -27,16 +27,44 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every rank, keeping the gradient path to this rank's slice.
 
-    torch.distributed.nn.all_gather's backward all-reduces the incoming gradients, so each rank
-    gets the gradient of the global loss w.r.t. its own samples (needed for SimCLR negatives).
+    The backward all-reduces the incoming gradients, so each rank gets the gradient of the sum of
+    every rank's loss w.r.t. its own samples (needed for SimCLR negatives). Same-size x on all ranks.
     """
     if not is_dist():
         return x
-    import torch.distributed.nn.functional as dnn
-    return torch.cat(dnn.all_gather(x.contiguous()))
+    return _GatherWithGrad.apply(x)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -56,5 +84,4 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist():
         return x
-    import torch.distributed.nn.functional as dnn
-    return dnn.all_reduce(x)
+    return _AllReduceSum.apply(x)
