@@ -5,7 +5,9 @@ VoxCeleb categories with its SNR range: noise 0-15 dB, music 5-15 dB, babble 13-
 clips summed, the sum mixed at the drawn SNR). SNR is the ratio of the powers (mean squares) of the
 signal the noise is added to (reverberated, if reverb is drawn too) and of the added noise, the
 definition audiomentations' AddBackgroundNoise uses. Reverb convolves with a bank RIR (aligned on
-its direct-path peak, unit energy) by FFT and restores the input's energy.
+its direct-path peak, unit energy) by FFT and restores the input's energy. An optional channel
+(p_channel) then colours everything like a random microphone: band limits, tilt and EQ bumps,
+so that an encoder trained on one recording session per positive pair does not learn the session.
 
 The per-sample draws (a few numbers per sample) are made on the host with a seeded CPU generator:
 their shapes are then known without waiting for the device (no sync per step), and a seed gives
@@ -15,6 +17,7 @@ code, the same on both devices, with no Python loop over samples.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +29,7 @@ CATEGORIES = ("noise", "music", "babble")
 CATEGORY_KIND = torch.tensor([KINDS.index(k) for k in ("noise", "music", "speech")])  # babble is speech
 REVERB, NOISE = 1, 2  # mode bits: 0 none, 1 reverb, 2 noise, 3 both
 EPS = 1e-10
+EQ_BUMPS = 3
 
 
 @dataclass
@@ -47,6 +51,11 @@ class AugmentConfig:
     rir_budget_mb: float = 256     # and for the RIR bank
     refresh_interval: float = 30.0  # seconds between bank refreshes when a set exceeds its budget (0: never)
     refresh_fraction: float = 0.05  # share of the rows replaced at each refresh
+    p_channel: float = 0.0          # probability of a random microphone/channel response (band limits, EQ)
+    channel_low_cut: list[float] = field(default_factory=lambda: [40.0, 300.0])     # Hz, log-uniform
+    channel_high_cut: list[float] = field(default_factory=lambda: [3400.0, 8000.0])  # Hz, log-uniform
+    channel_eq_db: float = 6.0      # std of each EQ bump's gain, dB
+    channel_tilt_db: float = 2.0    # std of the spectral tilt, dB per octave around 1 kHz
     cpu: list[dict] = field(default_factory=list)  # audiomentations transforms for loader workers (cpu_augment.py)
     storage_options: dict = field(default_factory=dict)
 
@@ -60,6 +69,7 @@ class Draws:
     snr_db: torch.Tensor    # [B] drawn SNR, nan without noise
     rows: torch.Tensor      # [B, max clips] noise bank rows summed into the noise, -1 where unused
     offsets: torch.Tensor   # [B, max clips] where each clip's window starts in its row
+    channel: torch.Tensor   # [B, 3 + 3 * EQ_BUMPS] channel parameters (see channel_response), nan without
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,14 +93,18 @@ def power(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean(-1, keepdim=True)
 
 
+def keep_energy(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`out` scaled to the power of `like`, row by row; a silent row stays silent."""
+    out_power = power(out)
+    return out * torch.where(out_power > EPS, power(like) / out_power.clamp_min(EPS), 0.0).sqrt()
+
+
 def reverberate(wave: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     """Each row of `wave` [n, T] convolved with its RIR [n, L] (peak first), truncated to T, energy kept."""
     rir = rir / rir.norm(dim=-1, keepdim=True).clamp_min(EPS)
     size = fft_size(wave.shape[-1] + rir.shape[-1] - 1)  # long enough that nothing wraps into [0, T)
     spectrum = torch.fft.rfft(wave, size) * torch.fft.rfft(rir, size)
-    wet = torch.fft.irfft(spectrum, size)[..., :wave.shape[-1]]
-    wet_power = power(wet)
-    return wet * torch.where(wet_power > EPS, power(wave) / wet_power.clamp_min(EPS), 0.0).sqrt()
+    return keep_energy(torch.fft.irfft(spectrum, size)[..., :wave.shape[-1]], wave)
 
 
 def mix(wave: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor) -> torch.Tensor:
@@ -99,6 +113,26 @@ def mix(wave: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor) -> torch.
     target = power(wave) / 10 ** (snr_db.unsqueeze(-1) / 10)
     gain = torch.where(noise_power > EPS, target / noise_power.clamp_min(EPS), 0.0).sqrt()
     return wave + gain * noise
+
+
+def channel_response(params: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Magnitude responses [n, F] at `freqs` for channel parameters [n, 3 + 3 * bumps]: smooth
+    high-pass and low-pass corners, a spectral tilt and Gaussian EQ bumps on a log-frequency axis."""
+    f = freqs.clamp_min(1.0)
+    low, high, tilt = params[:, :1], params[:, 1:2], params[:, 2:3]
+    centre, gain_db, width = params[:, 3:].unflatten(1, (-1, 3)).unbind(-1)
+    corners = torch.rsqrt(1 + (low / f) ** 4) * torch.rsqrt(1 + (f / high) ** 8)
+    octaves = torch.log2(f / centre.unsqueeze(-1)) / (width.unsqueeze(-1) / 2)
+    db = tilt * torch.log2(f / 1000.0) + (gain_db.unsqueeze(-1) * torch.exp(-0.5 * octaves**2)).sum(1)
+    return corners * 10 ** (db / 20)
+
+
+def equalize(wave: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Each row of `wave` [n, T] through its channel (zero phase, by FFT), energy kept."""
+    size = fft_size(wave.shape[-1])
+    freqs = torch.fft.rfftfreq(size, 1 / SAMPLE_RATE, device=wave.device)
+    out = torch.fft.irfft(torch.fft.rfft(wave, size) * channel_response(params, freqs), size)
+    return keep_energy(out[..., :wave.shape[-1]], wave)
 
 
 class Augmenter:
@@ -136,7 +170,7 @@ class Augmenter:
 
     @property
     def enabled(self) -> bool:
-        return self.noise is not None or self.rirs is not None
+        return self.noise is not None or self.rirs is not None or self.cfg.p_channel > 0
 
     def draw(self, batch: int, length: int) -> Draws:
         """Independent choices for `batch` samples of `length` samples each."""
@@ -151,7 +185,22 @@ class Augmenter:
         offsets = torch.zeros((batch, self.max_clips), dtype=torch.long)
         if self.noise is not None:
             category, snr, rows, offsets = self._draw_noise(batch, length, noisy)
-        return Draws(mode, rir, category, snr, rows, offsets)
+        return Draws(mode, rir, category, snr, rows, offsets, self._draw_channel(batch))
+
+    def _draw_channel(self, batch: int) -> torch.Tensor:
+        """Per sample: low cut, high cut (Hz), tilt (dB/octave), then (centre Hz, gain dB, width octaves) per bump."""
+        g, cfg = self.generator, self.cfg
+
+        def log_uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+            return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(*shape, generator=g))
+
+        params = torch.cat([log_uniform(*cfg.channel_low_cut, batch, 1), log_uniform(*cfg.channel_high_cut, batch, 1),
+                            cfg.channel_tilt_db * torch.randn(batch, 1, generator=g),
+                            torch.stack([log_uniform(150.0, 6000.0, batch, EQ_BUMPS),
+                                         cfg.channel_eq_db * torch.randn(batch, EQ_BUMPS, generator=g),
+                                         0.3 + 1.2 * torch.rand(batch, EQ_BUMPS, generator=g)], -1).flatten(1)], 1)
+        chosen = torch.rand(batch, generator=g) < cfg.p_channel
+        return params.where(chosen.unsqueeze(1), float("nan"))
 
     def _draw_noise(self, batch: int, length: int, noisy: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g, row_length = self.generator, self.noise.data.shape[1]
@@ -193,6 +242,10 @@ class Augmenter:
             noise = self._noise(out, draws.rows[noisy], draws.offsets[noisy])
             mixed = mix(out.index_select(0, where), noise, self._to(out, draws.snr_db[noisy]))
             out = out.index_copy(0, where, mixed)
+        channel = (~draws.channel[:, 0].isnan()).nonzero().squeeze(1)
+        if channel.numel():  # the microphone comes last: it colours speech, room and noise alike
+            where = self._to(out, channel)
+            out = out.index_copy(0, where, equalize(out.index_select(0, where), self._to(out, draws.channel[channel])))
         return out
 
     def _noise(self, like: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

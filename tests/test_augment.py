@@ -229,3 +229,34 @@ def test_cuda_matches_cpu(sets):
     cfg = AugmentConfig(noise=sets["noise"], rir=sets["rir"], segment_seconds=2.0)
     cuda = Augmenter.from_config(cfg, "cuda", seed=5)(x.cuda())
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-3)
+
+
+def test_channel_shapes_the_spectrum_as_drawn():
+    """A sample's channel attenuates each frequency by its drawn response (relative to 1 kHz)."""
+    from pipeline.augment import EQ_BUMPS, channel_response
+    aug = Augmenter(AugmentConfig(p_channel=1.0), None, None, seed=3)
+    t = torch.arange(2 * SR) / SR
+    tones = (1000.0, 250.0, 3000.0, 6500.0)
+    wave = sum(torch.sin(2 * torch.pi * f * t) for f in tones).repeat(4, 1)
+    draws = aug.draw(*wave.shape)
+    assert not draws.channel.isnan().any() and draws.channel.shape == (4, 3 + 3 * EQ_BUMPS)
+    out = aug.apply(wave, draws)
+    spectrum = torch.fft.rfft(out * torch.hann_window(out.shape[1], periodic=False)).abs()
+    bins = [round(f * out.shape[1] / SR) for f in tones]
+    measured = 20 * torch.log10(spectrum[:, bins] / spectrum[:, bins[:1]])
+    expected = channel_response(draws.channel, torch.tensor(tones))
+    expected = 20 * torch.log10(expected / expected[:, :1])
+    visible = expected > -40   # deeper cuts sink under the window's leakage
+    torch.testing.assert_close(measured[visible], expected[visible], atol=0.5, rtol=0)
+    assert torch.allclose(power(out), power(wave), rtol=1e-4)
+
+
+def test_channel_draws_follow_p_channel_and_keep_silence():
+    aug = Augmenter(AugmentConfig(p_channel=0.5), None, None, seed=0)
+    assert aug.enabled
+    drawn = ~aug.draw(1000, 100).channel[:, 0].isnan()
+    assert 400 < drawn.sum() < 600
+    silent = aug(torch.zeros(8, SR))
+    assert torch.equal(silent, torch.zeros(8, SR))
+    off = Augmenter(AugmentConfig(), None, None, seed=0)
+    assert not off.enabled and off.draw(10, 100).channel.isnan().all()
