@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume from CKPT, or from the newest checkpoint in train.out_dir "
                              "(automatic when one exists; the flag makes a missing one an error)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=0.1")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --config
     try:
         train(load_recipe(args.config, args.overrides), resume=args.resume)
     except (RecipeError, TrainingError, OSError) as e:

@@ -1,6 +1,7 @@
 """The one interface every SSL method implements: views in, loss and monitoring statistics out."""
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ class MethodConfig:
     name: str = ""
 
 
-class SSLMethod(nn.Module):
+class SSLMethod(nn.Module, abc.ABC):
     """Base class. Subclasses set `Config` and implement `forward`.
 
     - `encoder` maps waveforms [B, T] (float, on the device, already augmented) to embeddings [B, D];
@@ -36,8 +37,9 @@ class SSLMethod(nn.Module):
         self.cfg = cfg
         self.embed_dim = embed_dim
 
+    @abc.abstractmethod
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError  # abstract: every method overrides it
+        """(scalar loss, detached scalar stats) for a list of [B, T_v] waveform views."""
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
