@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+# Many speakers, few utterances each: SimCLR treats every other utterance of a batch as a negative,
+# and with the generator's default 50 speakers a batch of 64 is full of same-speaker negatives.
+CORPUS = ["--speakers", "200", "--utterances", "3", "--test-speakers", "20"]
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path.insert(0, str(ROOT))
@@ -50,7 +53,7 @@ def store(kind: str, out: Path):
     """(shard base URL, environment for the tools): a local folder, or a SeaweedFS S3 server."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kind == "local":
-        yield str(out / "shards"), env
+        yield str(out / "store"), env
         return
     from shards.locals3 import local_s3
     with local_s3(bucket="demo", data_dir=str(out / "s3")) as s3:
@@ -61,7 +64,8 @@ def run(out: Path, base: str, env: dict, args) -> None:
     py = sys.executable
     corpus = out / "corpus"
     if not (corpus / "corpus.json").exists():  # written last: a complete corpus
-        step("synthetic corpus", [py, "tools/make_demo_corpus.py", "--out", str(corpus), "--seed", str(args.seed), "--workers", "2", "--overwrite"], env)
+        step("synthetic corpus", [py, "tools/make_demo_corpus.py", "--out", str(corpus), "--seed", str(args.seed),
+                                   "--workers", "2", "--overwrite", *CORPUS], env)
     shards = {"speech": f"{base}/speech", "noise": f"{base}/musan", "rir": f"{base}/rirs"}
     shard = [py, "tools/make_shards.py"]
     common = ["--workers", "2", "--seed", str(args.seed), "--shard-size", "20000000", "--resume"]
@@ -70,7 +74,7 @@ def run(out: Path, base: str, env: dict, args) -> None:
     step("shard noise", shard + ["musan", "--root", str(corpus / "musan"), "--out", shards["noise"]] + common, env)
     step("shard RIRs", shard + ["rir", "--root", str(corpus / "rirs"), "--out", shards["rir"]] + common, env)
 
-    run_dir = out / "run"
+    run_dir = f"{base}/run"   # checkpoints live in the store too: on S3 with STORE=s3
     step(f"train (torchrun, {args.nproc} processes)",
          [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "tools/train.py",
           "--config", "configs/demo.yaml", f"data.train={shards['speech']}", f"augment.noise={shards['noise']}",
@@ -78,7 +82,7 @@ def run(out: Path, base: str, env: dict, args) -> None:
 
     trials = str(corpus / "trials.txt")
     audio = ["--trials", trials, "--audio-root", str(corpus / "wav")]
-    step("evaluate the trained model", [py, "tools/evaluate.py", "--checkpoint", str(run_dir / "last.pt"), *audio,
+    step("evaluate the trained model", [py, "tools/evaluate.py", "--checkpoint", f"{run_dir}/last.pt", *audio,
                                         "--out", str(out / "eval-trained")], env)
     step("evaluate the untrained encoder", [py, "tools/evaluate.py", "--untrained", "--config", "configs/demo.yaml",
                                             *audio, "--out", str(out / "eval-untrained")], env)
