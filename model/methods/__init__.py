@@ -1,8 +1,6 @@
 """The SSL methods by recipe name, and how a recipe's `method:` section becomes one."""
 from __future__ import annotations
 
-import dataclasses
-
 from model.encoders import EncoderConfig, build_encoder
 from model.methods.barlow import BarlowTwins
 from model.methods.base import MethodConfig, SSLMethod
@@ -17,16 +15,13 @@ METHODS: dict[str, type[SSLMethod]] = {
 
 
 def method_config(d: dict) -> MethodConfig:
-    """The `method:` section (with its `name`) as that method's Config; unknown keys are errors."""
+    """The `method:` section (with its `name`) as that method's Config; unknown keys and wrong types
+    are errors naming the key."""
     name = d.get("name")
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not a method; choose one of {sorted(METHODS)}")
-    cls = METHODS[name].Config
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in valid:
-            raise ValueError(f"unknown key method.{key} for method {name!r}; valid keys: {', '.join(valid)}")
-    return cls(**d)
+    from model.recipe import build_section  # the one key/type check of every recipe section (recipe imports us)
+    return build_section(METHODS[name].Config, d, "method")
 
 
 def build_method(enc_cfg: EncoderConfig, method_cfg: MethodConfig) -> SSLMethod:

@@ -11,7 +11,8 @@ from torch import nn
 
 from model import distributed, monitors
 from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import cosine_schedule, ema_update, encode_views, frozen_copy, mlp
+from model.methods.parts import ema_update, encode_views, frozen_copy, mlp
+from model.schedules import cosine
 
 
 @dataclass
@@ -101,7 +102,7 @@ class DINO(SSLMethod):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         self.progress.fill_(step / max(total_steps, 1))
-        m = cosine_schedule(self.cfg.teacher_momentum, 1.0, step / max(total_steps, 1))
+        m = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
         ema_update(self.teacher_encoder, self.encoder, m)
         ema_update(self.teacher_head, self.head, m)
 

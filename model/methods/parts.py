@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -34,11 +33,6 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     t, s = list(target.parameters()), list(source.parameters())
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1 - momentum)
-
-
-def cosine_schedule(start: float, end: float, progress: float) -> float:
-    """start at progress 0 to end at progress 1 along a half cosine (BYOL/DINO momentum)."""
-    return end - (end - start) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1) / 2
 
 
 def encode_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
