@@ -54,6 +54,7 @@ def weed_binary() -> str:
 def local_s3(bucket: str = "voxstream", data_dir: str | None = None, timeout: float = 30.0) -> Iterator[LocalS3]:
     """Start `weed mini` with an S3 gateway and one bucket; stop it on exit."""
     tmp = tempfile.mkdtemp(prefix="weed-") if data_dir is None else data_dir
+    Path(tmp).mkdir(parents=True, exist_ok=True)
     names = ["master.port", "volume.port", "filer.port", "s3.port", "admin.port", "webdav.port",
              "master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc",
              "metricsPort", "debug.port", "s3.port.iceberg", "s3.port.lance", "s3.metricsPort"]
