@@ -21,10 +21,14 @@ the buffer for long multi-crop views).
 
 Batches are int16 `[B, T_v]` tensors per view (half the bytes of float on the way to the device),
 pinned when CUDA is available; `views_to_device` turns them into float32 in [-1, 1] on the device.
+Workers stack them into shared-memory slots allocated once per epoch (pipeline/ring.py), and the
+trainer copies each batch out as it arrives: no shared memory is created per batch.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.ring import Ring
 from pipeline.sources import Corpus, resolve_all
 from pipeline.stream import mixed_samples
 from pipeline.views import Item, cross_utterance, same_utterance, view_frames
@@ -46,6 +51,7 @@ COUNTERS = ("shards_opened", "shards_skipped", "samples_read", "samples_skipped"
             "short_padded", "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds")
 PER_WORKER = ("peak_rss_mb", "peak_private_mb")  # the largest over workers, not sums
 _GROUP_TRIES = 8
+_PREFETCH = 2  # batches in flight per worker
 _PRIVATE_EVERY_S = 30.0  # worker CPU seconds between samples of its private memory
 
 
@@ -83,10 +89,6 @@ class Batch:
     keys: list[str]
     groups: list[str]
 
-    def pin_memory(self) -> "Batch":
-        """Called by DataLoader's pinning thread."""
-        return Batch([v.pin_memory() for v in self.views], self.keys, self.groups)
-
 
 def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tensor]:
     """float32 views in [-1, 1] on `device` (int16 travels, the conversion runs there)."""
@@ -102,20 +104,13 @@ def _pick(buffer: list[Item], taken: set[str], rng: np.random.Generator) -> Item
     return buffer.pop()
 
 
-def _collate(items: list[Item], frames: list[int]) -> Batch:
-    views = []
-    for v, length in enumerate(frames):
-        out = torch.empty((len(items), length), dtype=torch.int16)
-        if get_worker_info() is not None:  # stack straight into the memory the batch travels in
-            out.share_memory_()
-        np.stack([it.views[v] for it in items], out=out.numpy())
-        views.append(out)
-    return Batch(views, [it.key for it in items], [it.group for it in items])
+def _crops(items: list[Item], views: int) -> list[list[np.ndarray]]:
+    return [[it.views[v] for it in items] for v in range(views)]
 
 
 def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
-           stats: Counter) -> Iterator[Batch]:
-    """The `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
+           stats: Counter) -> Iterator[list[Item]]:
+    """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
     samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats)
     make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
@@ -133,21 +128,23 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np
                 taken.add(batch[-1].group)
             stats["batches"] += 1
             stats["dup_group_batches"] += len(taken) < len(batch)
-            yield _collate(batch, frames)
+            yield batch
     finally:
         items.close()
         samples.close()
 
 
 class _Streams(IterableDataset):
-    """Each worker yields (batch, its stream's stats) for the global steps it serves."""
+    """Each worker yields (views, keys, groups, its stream's stats) for the global steps it serves:
+    `views` is a list of `[B, T_v]` tensors in-process, or (worker, slot) of the `ring` in a worker."""
 
     def __init__(self, cfg: DataConfig, corpora: list[Corpus], weights: list[float], epoch: int,
                  rank: int, start_step: int):
         self.cfg, self.corpora, self.weights = cfg, corpora, weights
         self.epoch, self.rank, self.start_step = epoch, rank, start_step
+        self.ring: Ring | None = None  # set by Loader before the workers start
 
-    def __iter__(self) -> Iterator[tuple[Batch, dict]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         first = self.start_step + worker  # this worker serves first, first + W, ...
@@ -155,17 +152,24 @@ class _Streams(IterableDataset):
         chunk, skip = divmod(first // workers, self.cfg.chunk_steps)
         stats: Counter = Counter()
         cpu0, sampled = time.process_time(), -_PRIVATE_EVERY_S
+        produced = 0
         while count:
             rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, stream, chunk])
-            for i, batch in enumerate(_chunk(self.cfg, self.corpora, self.weights, rng, stats)):
+            for i, items in enumerate(_chunk(self.cfg, self.corpora, self.weights, rng, stats)):
                 if skip:
                     skip -= 1
                     continue
                 cpu = time.process_time() - cpu0
                 if i == 0 and cpu - sampled >= _PRIVATE_EVERY_S:  # the buffer has just filled up
                     stats["peak_private_mb"], sampled = max(stats["peak_private_mb"], private_mb()), cpu
+                crops = _crops(items, len(self.cfg.views))
+                if info is None:
+                    views = [torch.from_numpy(np.stack(c)) for c in crops]
+                else:
+                    views = (worker, self.ring.put(worker, produced, crops))
                 snapshot = {**stats, "stream": stream, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb()}
-                yield batch, snapshot
+                yield views, [it.key for it in items], [it.group for it in items], snapshot
+                produced += 1
                 count -= 1
                 if not count:
                     break
@@ -204,26 +208,42 @@ class Loader:
     def __init__(self, cfg: DataConfig, streams: _Streams, steps: int):
         self.cfg, self.streams, self.steps = cfg, streams, steps
         self.per_stream: dict[int, dict] = {}
+        self.context = multiprocessing.get_context()  # one context for the workers and their semaphores
 
     def __len__(self) -> int:
         return self.steps
 
+    def _ring(self) -> Ring | None:
+        if self.cfg.workers == 0:
+            return None
+        return Ring(self.cfg.workers, _PREFETCH + 1, self.cfg.batch_size, view_frames(self.cfg.views), self.context)
+
     def __iter__(self) -> Iterator[Batch]:
         pin = torch.cuda.is_available()
-        if self.cfg.workers == 0:
+        ring = self.streams.ring = self._ring()
+        if ring is None:
             source = iter(self.streams)
         else:
             # Streams seed themselves; a private generator keeps DataLoader's base-seed draw off the
             # trainer's global RNG, so a run resumed mid-epoch draws what an uninterrupted one does.
-            source = iter(DataLoader(self.streams, batch_size=None, num_workers=self.cfg.workers,
-                                     pin_memory=pin, prefetch_factor=2, worker_init_fn=_own_process_group,
-                                     generator=torch.Generator().manual_seed(0)))
+            loader = DataLoader(self.streams, batch_size=None, num_workers=self.cfg.workers,
+                                prefetch_factor=_PREFETCH, worker_init_fn=_own_process_group,
+                                multiprocessing_context=self.context, generator=torch.Generator().manual_seed(0))
+            gc.freeze()  # a worker's collections would otherwise touch, and so copy, every inherited object
+            try:
+                source = iter(loader)
+            finally:
+                gc.unfreeze()
         self.per_stream = {}
         produced = 0
-        for batch, stats in source:
+        for views, keys, groups, stats in source:
             self.per_stream[stats["stream"]] = stats
             produced += 1
-            yield batch.pin_memory() if pin and self.cfg.workers == 0 else batch
+            if ring is not None:
+                views = ring.take(*views, pin)
+            elif pin:
+                views = [v.pin_memory() for v in views]
+            yield Batch(views, keys, groups)
         if produced != self.steps:
             raise RuntimeError(f"loader produced {produced} batches, expected {self.steps}")
         log.info("pipeline epoch %d rank %d: %s", self.streams.epoch, self.streams.rank, self.stats)

@@ -6,14 +6,19 @@ and FLAC round-trips it exactly.
 """
 from __future__ import annotations
 
+import io
+import multiprocessing
 import signal
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from pipeline.loader import Batch, DataConfig, make_loader, views_to_device
+from pipeline.ring import Ring
 from pipeline.stream import CorruptShard
 from shards import storage
 from shards.format import Manifest, build_shard, decode_audio, encode_flac, sample_key, shard_name, write_manifest
@@ -129,11 +134,12 @@ def test_one_shard_with_four_workers_does_not_hang(tmp_path):
     assert loader.stats["batches"] == 9 and loader.stats["shards_skipped"] == 0
 
 
-def test_views_are_fixed_shape_int16_crops_of_their_utterance(shard_set):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_views_are_fixed_shape_int16_crops_of_their_utterance(shard_set, workers):
     url, truth = shard_set
-    cfg = config(url, views=[1.5, 0.5, 0.25], batch_size=5, steps_per_epoch=8, min_duration=1.2)
+    cfg = config(url, views=[1.5, 0.5, 0.25], batch_size=5, steps_per_epoch=8, min_duration=1.2, workers=workers)
     loader = make_loader(cfg, 0, 0, 1)
-    for batch in loader:
+    for batch in list(loader):  # held together: batches from workers must not share memory
         assert isinstance(batch, Batch)
         assert [tuple(v.shape) for v in batch.views] == [(5, 24000), (5, 8000), (5, 4000)]
         assert all(v.dtype == torch.int16 for v in batch.views)
@@ -156,9 +162,39 @@ def test_seek_reader_matches_decode_audio(shard_set):
 
     url, _ = shard_set
     key, meta, flac = next(iter_samples(storage.join(url, shard_name("syn", 0))))
-    spans = [(0, 100), (300, 5000), (9000, 4000)]
+    n = meta["num_samples"]
+    spans = [(0, 100), (300, 5000), (9000, 4000), (n - 1500, 1500)]
     for (start, frames), got in zip(spans, _read_spans(key, flac, spans)):
         np.testing.assert_array_equal(got, decode_audio(flac, start, frames))
+
+
+def test_seek_reader_rejects_what_it_cannot_crop_safely():
+    from pipeline.views import CorruptSample, _read_spans
+
+    flac = encode_flac(ramp(3, 0, SR))
+    with pytest.raises(CorruptSample, match="u1: 8000 samples at 8000, expected 9000"):
+        _read_spans("u1", flac, [(8000, 9000)])  # past the end
+    with pytest.raises(CorruptSample, match="u2: .*expected 16000"):
+        _read_spans("u2", flac[:len(flac) // 2], [(0, SR)])  # truncated
+    with pytest.raises(CorruptSample, match="u3: not a FLAC"):
+        _read_spans("u3", b"RIFF" + bytes(100), [(0, 10)])
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((SR, 2), dtype=np.int16), SR, format="FLAC")
+    with pytest.raises(CorruptSample, match="u4: 2 channels"):  # would overflow a mono buffer
+        _read_spans("u4", buf.getvalue(), [(0, 100)])
+
+
+def test_batches_through_workers_equal_the_in_process_stream(shard_set):
+    """One worker runs the same single stream as no worker: its batches, copied out of the shared
+    slots it reuses, must equal the in-process ones even when all are held at once."""
+    url, _ = shard_set
+    cfg = config(url, steps_per_epoch=10)
+    inline = list(make_loader(cfg, 1, 0, 1))
+    cfg.workers = 1
+    through = list(make_loader(cfg, 1, 0, 1))
+    assert [b.keys for b in through] == [b.keys for b in inline]
+    for a, b in zip(through, inline):
+        assert all(torch.equal(va, vb) for va, vb in zip(a.views, b.views))
 
 
 def test_cross_utterance_views_come_from_other_utterances_of_the_group(tmp_path):
@@ -297,3 +333,23 @@ def test_a_corpus_with_no_readable_shard_fails_instead_of_spinning(tmp_path):
         (tmp_path / f"bad-{i:06d}.tar").write_bytes(b"\x01" * 4096)
     with pytest.raises(RuntimeError, match="no readable sample"):
         list(make_loader(config(f"{tmp_path}/bad-{{000000..000001}}.tar"), 0, 0, 1))
+
+
+def test_a_worker_waits_for_a_free_slot_instead_of_overwriting_one():
+    ctx = multiprocessing.get_context("fork")
+    ring = Ring(workers=1, slots=1, batch_size=2, frames=[3], context=ctx)
+    sent = ctx.Queue()
+
+    def worker():
+        for count in range(2):
+            sent.put(ring.put(0, count, [[np.full(3, count, np.int16)] * 2]))
+
+    process = ctx.Process(target=worker)
+    process.start()
+    slot = sent.get(timeout=30)
+    time.sleep(0.3)  # a second put that did not wait for the slot would overwrite it now
+    assert ring.take(0, slot, pin=False)[0].eq(0).all()
+    slot = sent.get(timeout=30)
+    assert ring.take(0, slot, pin=False)[0].eq(1).all()
+    process.join(30)
+    assert process.exitcode == 0
