@@ -1,55 +1,64 @@
-"""Shared-memory slots that carry batches from DataLoader workers to the trainer, allocated once.
+"""Shared-memory slots that carry batches from the worker processes to the trainer, allocated once.
 
-A worker that returns a fresh tensor per batch allocates new shared memory (shm_open, ftruncate, mmap)
-and faults in every page of it, and the trainer maps it again: about 6 ms per 4 MB on a 2-core VM,
-a quarter of a worker's time at 64 pairs a batch. Instead the trainer allocates each worker's slots
-once per epoch, before the workers start (forked workers inherit them; spawned ones receive them
-pickled, still shared), and a worker sends only a slot number with the batch's keys.
-
-A semaphore per worker counts its free slots: the worker takes one before stacking a batch into it,
-the trainer gives it back once it has copied the batch out, so no slot is overwritten while it is
-read, whatever DataLoader does. With `prefetch + 1` slots a worker never waits: DataLoader asks a
-worker for a batch only after receiving one of the `prefetch` it has in flight, and the trainer
-copies each batch out as it arrives.
+A worker that returned a fresh shared tensor per batch would create new shared memory and fault in
+every page of it, and the trainer would map it again: about 6 ms per 4 MB on a 2-core VM, a quarter
+of a worker's time at 64 pairs a batch. Instead the trainer maps one file (memfd) per pass, with
+`slots` batch slots per worker, and hands its descriptor to the workers; a worker stacks a batch
+into its next slot and sends only the slot's number. Which slots may be reused is the workers'
+protocol's business (pipeline/workers.py): this file is only the memory layout.
 """
 from __future__ import annotations
 
+import mmap
 import os
-from multiprocessing.context import BaseContext
+import tempfile
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-_WAIT_S = 1.0  # between checks that the trainer is still alive while a worker waits for a slot
 
 
-def _shared(shape: tuple[int, ...]) -> torch.Tensor:
-    """An int16 tensor in shared memory, allocated there directly (no private copy to fault in)."""
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 2)
-    return torch.empty(0, dtype=torch.int16).set_(storage).view(shape)
+@dataclass(frozen=True)
+class Layout:
+    workers: int
+    slots: int
+    batch_size: int
+    frames: tuple[int, ...]  # samples per view
+
+    @property
+    def nbytes(self) -> int:
+        return self.workers * self.slots * self.batch_size * sum(self.frames) * 2
+
+
+def _anonymous_file(size: int) -> int:
+    """A descriptor of `size` zero bytes with no name: memory freed when the last user closes it."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("voxstream-ring")
+    else:  # macOS: an unlinked temporary file
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    os.ftruncate(fd, size)
+    return fd
 
 
 class Ring:
-    """`slots` batch slots per worker, one int16 `[B, T_v]` tensor per view in each."""
+    """int16 `[B, T_v]` arrays per view, for each (worker, slot), in one shared mapping."""
 
-    def __init__(self, workers: int, slots: int, batch_size: int, frames: list[int], context: BaseContext):
-        self.views = [_shared((workers, slots, batch_size, f)) for f in frames]
-        self.free = [context.Semaphore(slots) for _ in range(workers)]
-        self.slots = slots
-        self.trainer = os.getpid()
+    def __init__(self, layout: Layout, fd: int | None = None):
+        self.layout = layout
+        self.fd = _anonymous_file(layout.nbytes) if fd is None else fd
+        self.memory = mmap.mmap(self.fd, layout.nbytes)
+        self.views, offset = [], 0
+        for f in layout.frames:
+            count = layout.workers * layout.slots * layout.batch_size * f
+            view = np.frombuffer(self.memory, np.int16, count, offset)
+            self.views.append(view.reshape(layout.workers, layout.slots, layout.batch_size, f))
+            offset += 2 * count
 
-    def put(self, worker: int, count: int, views: list[list[np.ndarray]]) -> int:
-        """In worker `worker`: stack its `count`-th batch (crops per view) into the next slot; returns it."""
-        while not self.free[worker].acquire(timeout=_WAIT_S):
-            if os.getppid() != self.trainer:
-                raise SystemExit("the trainer is gone")
-        slot = count % self.slots  # batches are consumed in order, so slots are freed in order
-        for crops, view in zip(views, self.views):
-            np.stack(crops, out=view[worker, slot].numpy())
-        return slot
+    def put(self, worker: int, slot: int, crops: list[list[np.ndarray]]) -> None:
+        """Stack a batch (its crops, view by view) into a slot."""
+        for view_crops, view in zip(crops, self.views):
+            np.stack(view_crops, out=view[worker, slot])
 
-    def take(self, worker: int, slot: int, pin: bool) -> list[torch.Tensor]:
-        """In the trainer: the batch in a slot, copied out (into pinned memory when `pin`); frees the slot."""
-        out = [torch.empty(v.shape[2:], dtype=v.dtype, pin_memory=pin).copy_(v[worker, slot]) for v in self.views]
-        self.free[worker].release()
-        return out
+    def get(self, worker: int, slot: int) -> list[np.ndarray]:
+        """The views of the batch in a slot: the shared memory itself, valid until the slot is reused."""
+        return [view[worker, slot] for view in self.views]

@@ -1,10 +1,10 @@
 """Where training shards come from: URL specs resolved to shard lists, and a fork-safe, retrying opener.
 
 A spec is a shard-set prefix (its manifest lists the shards and their sizes), a brace pattern
-(`s3://b/vox-{000000..000099}.tar`), a single `.tar` URL, or a list of these. Several specs can be
+(`s3://b/vox-{000000..000099}.tar`, several joined by `::`), a single `.tar` URL, or a list of these. Several specs can be
 mixed with weights: each is one corpus. Filesystem objects (s3fs clients, ...) are made lazily in the
-process that uses them and cached per process id, so a DataLoader worker never inherits a client
-whose connections and event loop belong to its parent.
+process that uses them and cached per process id, so no process uses a client whose connections
+and event loop belong to its parent.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import IO, Callable, TypeVar
 
 import fsspec
-import webdataset as wds
+from braceexpand import braceexpand
 
 from shards import format as shard_format
 from shards import storage
@@ -43,7 +43,7 @@ class Corpus:
 def resolve(spec: str, storage_options: dict | None = None) -> Corpus:
     """The shards of one spec: a prefix with a manifest, a brace pattern, or one tar URL."""
     if spec.endswith(".tar") or "{" in spec:
-        urls = wds.shardlists.expand_urls(spec)
+        urls = [url for pattern in spec.split("::") for url in braceexpand(pattern)]
         return Corpus(spec, tuple(Shard(u) for u in urls))
     manifest = shard_format.read_manifest(spec, storage_options)
     shards = tuple(Shard(storage.join(spec, s["name"]), s.get("bytes")) for s in manifest.shards)

@@ -7,8 +7,10 @@ and FLAC round-trips it exactly.
 from __future__ import annotations
 
 import io
-import multiprocessing
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -18,13 +20,14 @@ import soundfile as sf
 import torch
 
 from pipeline.loader import Batch, DataConfig, make_loader, views_to_device
-from pipeline.ring import Ring
+from pipeline.ring import Layout, Ring
 from pipeline.stream import CorruptShard
+from pipeline.views import view_frames
+from pipeline.workers import Workers
 from shards import storage
 from shards.format import Manifest, build_shard, decode_audio, encode_flac, sample_key, shard_name, write_manifest
 
 SR = 16000
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
 def ramp(slope: int, phase: int, n: int) -> np.ndarray:
@@ -335,21 +338,48 @@ def test_a_corpus_with_no_readable_shard_fails_instead_of_spinning(tmp_path):
         list(make_loader(config(f"{tmp_path}/bad-{{000000..000001}}.tar"), 0, 0, 1))
 
 
-def test_a_worker_waits_for_a_free_slot_instead_of_overwriting_one():
-    ctx = multiprocessing.get_context("fork")
-    ring = Ring(workers=1, slots=1, batch_size=2, frames=[3], context=ctx)
-    sent = ctx.Queue()
+def test_a_worker_waits_for_its_slot_to_be_freed_before_reusing_it(shard_set):
+    url, _ = shard_set
+    cfg = config(url, steps_per_epoch=6)
+    expected = list(make_loader(cfg, 0, 0, 1))  # in process: the same single stream as one worker
+    ring = Ring(Layout(workers=1, slots=2, batch_size=cfg.batch_size, frames=tuple(view_frames(cfg.views))))
+    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, ring)
+    try:
+        for step, want in enumerate(expected):
+            _, slot, keys, _, _ = workers.receive(step)
+            time.sleep(0.3)  # a worker that did not wait for its credit would overwrite the slot by now
+            assert keys == want.keys
+            assert all(np.array_equal(got, v.numpy()) for got, v in zip(ring.get(0, slot), want.views))
+            workers.free(0)
+    finally:
+        workers.close()
 
-    def worker():
-        for count in range(2):
-            sent.put(ring.put(0, count, [[np.full(3, count, np.int16)] * 2]))
 
-    process = ctx.Process(target=worker)
-    process.start()
-    slot = sent.get(timeout=30)
-    time.sleep(0.3)  # a second put that did not wait for the slot would overwrite it now
-    assert ring.take(0, slot, pin=False)[0].eq(0).all()
-    slot = sent.get(timeout=30)
-    assert ring.take(0, slot, pin=False)[0].eq(1).all()
-    process.join(30)
-    assert process.exitcode == 0
+def test_an_error_in_a_worker_is_raised_in_the_trainer(tmp_path):
+    url = str(tmp_path)
+    make_set(url, [8])
+    (tmp_path / shard_name("syn", 0)).write_bytes(b"not a tar" * 100)
+    cfg = config(url, workers=1, strict=True)
+    with pytest.raises(CorruptShard, match="syn-000000.tar") as caught:
+        list(make_loader(cfg, 0, 0, 1))
+    assert "in pipeline worker 0" in "".join(getattr(caught.value, "__notes__", []))
+
+
+def test_workers_do_not_import_torch():
+    """Lean workers: what they import decides their memory (torch alone is ~500 MB resident)."""
+    code = "import sys, pipeline.workers; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_shards_read_as_a_webdataset(shard_set):
+    """The format is WebDataset's: its own reader sees one sample per utterance with .flac and .json."""
+    import webdataset as wds
+
+    url, truth = shard_set
+    samples = list(wds.WebDataset(storage.join(url, shard_name("syn", 0)), shardshuffle=False))
+    assert len(samples) == 24
+    for sample in samples:
+        slope, phase, n = truth[sample["__key__"]]
+        assert json.loads(sample["json"])["num_samples"] == n
+        np.testing.assert_array_equal(decode_audio(sample["flac"]), ramp(slope, phase, n))

@@ -1,14 +1,18 @@
-"""Pipeline benchmark: two-crop pairs per worker core and peak memory per worker, shards vs per-file.
+"""Pipeline benchmark: two-crop pairs per worker core and memory per worker, shards vs per-file.
 
-Both loaders run in the same process with the same crops (2 x 2 s by default) and worker count: the
-pipeline (pipeline.loader.make_loader on tar shards) and a simple baseline, a map-style DataLoader that
-reads one file (or one S3 object) per utterance and seek-decodes the same crops with
-shards.format.decode_audio. "Per core" divides pairs by the CPU seconds the workers used (user +
+Both loaders run in the same process with the same crops (2 x 2 s by default), batch size and worker
+count: the pipeline (pipeline.loader.make_loader on tar shards, lean worker processes, dr_flac) and
+a simple baseline, a map-style torch DataLoader that reads one file (or one S3 object) per utterance
+and seek-decodes the same crops with shards.format.decode_audio (libsndfile), as per-file loaders
+do. "Per core" divides pairs by all the CPU seconds the workers used, start-up included (user +
 system, from getrusage of the reaped workers), so the figure holds on a busy machine; wall-clock
-pairs/s are reported beside it. S3 is a SeaweedFS server on loopback (shards.locals3).
+pairs/s are reported beside it. S3 is a SeaweedFS server on loopback (shards.locals3). The `decode`
+figures isolate the decoder: the same crops read in-process by the pipeline's span reader (dr_flac)
+and by decode_audio (libsndfile).
 
-Without --shards it writes its own data: speech-like synthetic utterances (harmonic voiced segments
-with a wandering pitch, syllable envelopes, pauses and a little noise) of 2-10 s.
+Data: speech-like synthetic utterances of 2-10 s (harmonic voiced segments with a wandering pitch,
+syllable envelopes, pauses and a noise floor), and with --speech DIR also a folder of real
+recordings (e.g. LibriSpeech), sharded first with the `folder` corpus rules.
 """
 from __future__ import annotations
 
@@ -23,24 +27,28 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline.loader import DataConfig, make_loader, peak_rss_mb, private_mb
+from pipeline.batches import peak_rss_mb, smaps_mb
+from pipeline.loader import DataConfig, make_loader
 from pipeline.sources import open_shard
-from shards import storage
+from pipeline.views import _read_spans
+from shards import corpora, storage
 from shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
 from shards.locals3 import local_s3
+from shards.writer import WriteConfig, write_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", help="shard-set URL to read instead of generated data")
+    parser.add_argument("--speech", help="a folder of real recordings to shard and measure too")
     parser.add_argument("--utterances", type=int, default=300, help="generated utterances")
     parser.add_argument("--seconds", type=float, nargs=2, default=[2.0, 10.0], help="generated lengths")
     parser.add_argument("--views", type=float, nargs="+", default=[2.0, 2.0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=128,
+    parser.add_argument("--batch-size", type=int, default=256, help="the training default")
+    parser.add_argument("--steps", type=int, default=64,
                         help="batches per measurement, rounded up to whole chunks of every worker")
-    parser.add_argument("--shuffle-buffer", type=int, default=1024)
+    parser.add_argument("--shuffle-buffer", type=int, default=1024, help="the training default")
     parser.add_argument("--no-s3", action="store_true", help="local shards only")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -81,12 +89,20 @@ def generate(root: Path, count: int, seconds: tuple[float, float], seed: int, pe
     return url
 
 
+def shard_speech(root: Path, folder: str) -> str:
+    """Shards of a folder of real recordings (one group per recording folder) under root/speech."""
+    url = str(root / "speech")
+    write_shards(corpora.folder(folder, r"(?P<speaker>[^/]+)/(?P<session>[^/]+)/[^/]+$"),
+                 WriteConfig(out=url, prefix="speech", shard_size=8 << 20))
+    return url
+
+
 def extract_files(shards: str, root: Path) -> list[str]:
     """One FLAC file per utterance of a shard set, for the baseline."""
     paths = []
     for url in shard_urls(shards):
         for key, _, flac in iter_samples(url):
-            path = root / "files" / (key.replace("/", "__") + ".flac")
+            path = root / (key.replace("/", "__") + ".flac")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(flac)
             paths.append(str(path))
@@ -98,7 +114,7 @@ class PerFile(Dataset):
 
     def __init__(self, urls: list[str], frames: list[int], storage_options: dict | None):
         self.urls, self.frames, self.options = urls, frames, storage_options
-        self.calls, self.memory = 0, torch.zeros(2)  # per worker process: peak RSS, peak private
+        self.calls, self.memory = 0, torch.zeros(3)  # per worker process: peak RSS, PSS, private
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -112,9 +128,8 @@ class PerFile(Dataset):
             wave = decode_audio(data, start, frames)
             crops.append(torch.from_numpy(np.resize(wave, frames)))  # short: repeat, as the pipeline
         self.calls += 1
-        if self.calls % 32 == 0:  # sampled, as the pipeline's workers do: reading smaps is costly
-            private = private_mb() if self.calls % 1024 == 64 else 0.0
-            self.memory = torch.maximum(self.memory, torch.tensor([peak_rss_mb(), private]))
+        if self.calls % 1024 == 64:  # sampled, as the pipeline's workers do: reading smaps is costly
+            self.memory = torch.maximum(self.memory, torch.tensor([peak_rss_mb(), *smaps_mb()]))
         return (*crops, self.memory)
 
 
@@ -124,19 +139,22 @@ def _children_cpu() -> float:
 
 
 def _measure(batches, count: int) -> tuple[float, float, list]:
-    """(wall seconds after the first batch, worker CPU seconds, last batch) for `count` batches."""
-    cpu0 = _children_cpu()
+    """(wall seconds, worker CPU seconds, last batch) for `count` batches, worker start-up included."""
+    cpu0, start = _children_cpu(), time.perf_counter()
     iterator = iter(batches)
-    last = next(iterator)
-    start = time.perf_counter()
-    for _, last in zip(range(count - 1), iterator):
+    for _, last in zip(range(count), iterator):
         pass
     wall = time.perf_counter() - start
     del iterator  # reaps the workers, so their CPU time is counted
     return wall, _children_cpu() - cpu0, last
 
 
-def compare(where: str, shards: str, files: list[str], args, storage_options: dict) -> list[dict]:
+def _row(figure: str, value: float, baseline: float, unit: str, **extra) -> dict:
+    return {"figure": figure, "value": round(value, 1), "baseline": round(baseline, 1),
+            "ratio": round(value / baseline, 2) if baseline else None, "unit": unit, **extra}
+
+
+def compare(name: str, shards: str, files: list[str], args, storage_options: dict) -> list[dict]:
     cfg = DataConfig(train=shards, views=args.views, batch_size=args.batch_size, workers=args.workers,
                      shuffle_buffer=args.shuffle_buffer, seed=args.seed, storage_options=storage_options)
     # Whole chunks per worker: every item a chunk decodes is delivered, so CPU per pair is exact.
@@ -145,51 +163,71 @@ def compare(where: str, shards: str, files: list[str], args, storage_options: di
     pairs = steps * args.batch_size
     loader = make_loader(cfg, 0, 0, 1)
     wall, cpu, _ = _measure(loader, steps)
-    rss, private = loader.stats["peak_rss_mb"], loader.stats["peak_private_mb"]
+    memory = [loader.stats[k] for k in ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")]
+    in_streams = sum(s["cpu_seconds"] for s in loader.per_stream.values())
 
     frames = [int(round(s * SAMPLE_RATE)) for s in args.views]
     sampler = RandomSampler(files, replacement=True, num_samples=pairs)
     baseline = DataLoader(PerFile(files, frames, storage_options), batch_size=args.batch_size,
                           sampler=sampler, num_workers=args.workers)
     base_wall, base_cpu, last = _measure(baseline, steps)
-    base_rss, base_private = last[-1].max(0).values.tolist()
+    base_memory = last[-1].max(0).values.tolist()
 
-    per_core, base_per_core = pairs / cpu, pairs / base_cpu
-    # the first batch is outside the wall-clock window
-    rate, base_rate = (pairs - args.batch_size) / wall, (pairs - args.batch_size) / base_wall
-    common = {"workers": args.workers, "views": args.views, "pairs": pairs}
+    common = {"workers": args.workers, "views": args.views, "batch_size": args.batch_size, "pairs": pairs}
+    mb = {"shuffle_buffer": args.shuffle_buffer, **common}
     return [
-        {"figure": f"{where}_pairs_per_core", "value": round(per_core, 1), "baseline": round(base_per_core, 1),
-         "ratio": round(per_core / base_per_core, 2), "unit": "pairs per worker CPU second", **common},
-        {"figure": f"{where}_pairs_per_second", "value": round(rate, 1), "baseline": round(base_rate, 1),
-         "ratio": round(rate / base_rate, 2), "unit": "pairs/s wall clock", **common},
-        {"figure": f"{where}_peak_rss_per_worker_mb", "value": round(rss, 1), "baseline": round(base_rss, 1),
-         "ratio": round(rss / base_rss, 2), "unit": "MB (VmHWM, includes pages shared with the parent)",
-         "parent_peak_rss_mb": round(peak_rss_mb(), 1), "shuffle_buffer": args.shuffle_buffer, **common},
-        {"figure": f"{where}_peak_private_per_worker_mb", "value": round(private, 1),
-         "baseline": round(base_private, 1), "ratio": round(private / base_private, 2) if base_private else None,
-         "unit": "MB held by the worker alone (smaps Private_*, sampled after its buffer fills)",
-         "shuffle_buffer": args.shuffle_buffer, **common},
+        _row(f"{name}_pairs_per_core", pairs / cpu, pairs / base_cpu, "pairs per worker CPU second",
+             steady=round(pairs / in_streams, 1), **common),
+        _row(f"{name}_pairs_per_second", pairs / wall, pairs / base_wall, "pairs/s wall clock", **common),
+        _row(f"{name}_peak_rss_per_worker_mb", memory[0], base_memory[0],
+             "MB resident (VmHWM), pages shared with other processes included", **mb),
+        _row(f"{name}_peak_pss_per_worker_mb", memory[1], base_memory[1],
+             "MB proportional (smaps Pss: shared pages split among their users)", **mb),
+        _row(f"{name}_peak_private_per_worker_mb", memory[2], base_memory[2], "MB held by the worker alone", **mb),
     ]
+
+
+def decode(name: str, shards: str, views: list[float], seed: int) -> dict:
+    """Two-crop decode alone, in this process: the pipeline's dr_flac span reader vs decode_audio."""
+    samples = [(key, meta["num_samples"], flac) for url in shard_urls(shards) for key, meta, flac in iter_samples(url)]
+    frames = [int(round(s * SAMPLE_RATE)) for s in views]
+    rng = np.random.default_rng(seed)
+    crops = [(key, flac, sorted(int(rng.integers(max(1, n - f + 1))) for f in frames))
+             for key, n, flac in samples if n >= max(frames)]
+    cpu = {}
+    for reader in ("dr_flac", "libsndfile"):
+        start = time.process_time()
+        for key, flac, starts in crops:
+            for begin, f in zip(starts, frames):  # one open per crop: the spans may overlap
+                _read_spans(key, flac, [(begin, f)]) if reader == "dr_flac" else decode_audio(flac, begin, f)
+        cpu[reader] = time.process_time() - start
+    return _row(f"{name}_decode_pairs_per_core", len(crops) / cpu["dr_flac"], len(crops) / cpu["libsndfile"],
+                "two-crop decodes per CPU second (dr_flac vs libsndfile)", views=views, pairs=len(crops))
+
+
+def measure(name: str, shards: str, root: Path, args) -> list[dict]:
+    files = extract_files(shards, root / f"{name}-files")
+    rows = [decode(name, shards, args.views, args.seed), *compare(f"{name}_local", shards, files, args, {})]
+    if args.no_s3:
+        return rows
+    with local_s3(bucket="bench") as s3:
+        options = s3.storage_options()
+        prefix = f"s3://{s3.bucket}/{name}"
+        for url in [*shard_urls(shards), storage.join(shards, MANIFEST)]:
+            storage.write_bytes(f"{prefix}/shards/{url.rsplit('/', 1)[1]}", storage.read_bytes(url), options)
+        objects = []
+        for path in files:
+            objects.append(f"{prefix}/files/{os.path.basename(path)}")
+            storage.write_bytes(objects[-1], Path(path).read_bytes(), options)
+        rows += compare(f"{name}_s3", f"{prefix}/shards", objects, args, options)
+    return rows
 
 
 def run(args) -> list[dict]:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
-        shards = args.shards or generate(root, args.utterances, tuple(args.seconds), args.seed)
-        files = extract_files(shards, root)
-        rows = compare("local", shards, files, args, {})
-        if args.no_s3:
-            return rows
-        with local_s3(bucket="bench") as s3:
-            options = s3.storage_options()
-            prefix = f"s3://{s3.bucket}"
-            for url in [*shard_urls(shards), storage.join(shards, MANIFEST)]:
-                storage.write_bytes(f"{prefix}/shards/{url.rsplit('/', 1)[1]}", storage.read_bytes(url), options)
-            objects = []
-            for path in files:
-                objects.append(f"{prefix}/files/{os.path.basename(path)}")
-                storage.write_bytes(objects[-1], Path(path).read_bytes(), options)
-            rows += compare("s3", f"{prefix}/shards", objects, args, options)
-        return rows
+        sets = {"synthetic": args.shards or generate(root, args.utterances, tuple(args.seconds), args.seed)}
+        if args.speech:
+            sets["speech"] = shard_speech(root, args.speech)
+        return [row for name, url in sets.items() for row in measure(name, url, root, args)]

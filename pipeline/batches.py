@@ -1,0 +1,178 @@
+"""A stream's batches of positive views: the data settings, seeding, chunks and the shuffle buffer.
+
+Nothing here imports torch: this is the code that runs in the lean worker processes
+(pipeline/workers.py), and in the trainer itself when `workers` is 0.
+
+Seeding and splitting. A rank's epoch is exactly `steps_per_epoch` batches. With W workers (W = 1
+when `workers` is 0) the rank runs W independent streams, and global step i is batch i // W of
+stream i % W. Each stream is cut into chunks of `chunk_steps` batches, and chunk c of stream s is
+generated from scratch by a generator seeded with (seed, epoch, rank, s, c): it opens random shards
+at random entry points, crops, shuffles its own `chunk_steps * batch_size` items and yields its
+batches. No state crosses a chunk boundary, so `start_step=k` restarts at the chunk holding step k
+and replays at most `chunk_steps - 1` batches per stream: the batches from k on equal a fresh
+loader's (same workers, batch size and world size). Every rank and worker reads a different order
+that changes every epoch, and no rank can run dry: streams resample shards forever, whatever their
+number and sizes.
+
+Shuffling. Items (int16 crops) wait in a buffer of `shuffle_buffer`; each draw picks a random item,
+retrying a few times when its group is already in the batch, because samples of a group sit together
+in a shard and a batch holding two of them gives the contrastive loss a false negative. The rate of
+batches that still hold a repeated group is reported as `dup_group_rate`: it stays low while the
+buffer holds several times `batch_size` distinct groups. A worker holds about
+`shuffle_buffer * sum(views) * 32 kB/s` of crops (128 MB at the defaults with 2 x 2 s views: lower
+the buffer for long multi-crop views).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.sources import Corpus
+from pipeline.stream import mixed_samples
+from pipeline.views import Item, cross_utterance, same_utterance, view_frames
+from shards.format import SAMPLE_RATE
+
+MODES = ("same-utterance", "cross-utterance")
+COUNTERS = ("shards_opened", "shards_skipped", "samples_read", "samples_skipped", "short_skipped",
+            "short_padded", "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds")
+PER_WORKER = ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")  # the largest over workers, not sums
+_GROUP_TRIES = 8
+_SMAPS_EVERY_S = 30.0  # stream CPU seconds between samples of its proportional and private memory
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] = ""  # shard-set prefix (with manifest), brace pattern, or a list of them
+    weights: list[float] | None = None  # mixing weights of the sources in `train` (equal if None)
+    views: list[float] = field(default_factory=lambda: [2.0, 2.0])  # seconds per view
+    mode: str = "same-utterance"  # or "cross-utterance"
+    batch_size: int = 256  # per rank
+    workers: int = 4
+    shuffle_buffer: int = 1024  # items (crops) held per worker
+    steps_per_epoch: int = 1000
+    min_duration: float = 1.0  # seconds; shorter utterances are skipped, longer ones pad by repetition
+    seed: int = 0
+    strict: bool = False  # raise on a broken shard instead of skipping it
+    storage_options: dict = field(default_factory=dict)
+    chunk_steps: int = 16  # batches per independently seeded chunk: the most a resume replays
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"data.mode {self.mode!r}: expected one of {MODES}")
+        if not self.views or min(self.views) <= 0:
+            raise ValueError(f"data.views {self.views}: need positive durations in seconds")
+        for name in ("batch_size", "steps_per_epoch", "shuffle_buffer", "chunk_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.min_duration <= 0:
+            raise ValueError("data.workers must be >= 0 and data.min_duration > 0")
+
+
+@dataclass
+class Plan:
+    """Everything one stream needs (sent to a worker process)."""
+    cfg: DataConfig
+    corpora: list[Corpus]
+    weights: list[float]
+    epoch: int
+    rank: int
+    start_step: int
+
+
+def _pick(buffer: list[Item], taken: set[str], rng: np.random.Generator) -> Item:
+    for _ in range(_GROUP_TRIES):
+        i = int(rng.integers(len(buffer)))
+        if buffer[i].group not in taken:
+            break
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
+
+
+def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
+           stats: Counter) -> Iterator[list[Item]]:
+    """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
+    frames = view_frames(cfg.views)
+    samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats)
+    make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
+    items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), rng, stats)
+    to_read, buffer = cfg.chunk_steps * cfg.batch_size, []
+    try:
+        for _ in range(cfg.chunk_steps):
+            batch: list[Item] = []
+            taken: set[str] = set()
+            for _ in range(cfg.batch_size):
+                while to_read and len(buffer) < cfg.shuffle_buffer:
+                    buffer.append(next(items))
+                    to_read -= 1
+                batch.append(_pick(buffer, taken, rng))
+                taken.add(batch[-1].group)
+            stats["batches"] += 1
+            stats["dup_group_batches"] += len(taken) < len(batch)
+            yield batch
+    finally:
+        items.close()
+        samples.close()
+
+
+def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list[Item], dict]]:
+    """(items, the stream's stats so far) for each global step that `worker` of `workers` serves:
+    steps start_step + worker, + workers, ... up to the end of the epoch."""
+    cfg = plan.cfg
+    first = plan.start_step + worker
+    stream, count = first % workers, len(range(first, cfg.steps_per_epoch, workers))
+    chunk, skip = divmod(first // workers, cfg.chunk_steps)
+    stats: Counter = Counter()
+    cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
+    while count:
+        rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
+        for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, rng, stats)):
+            if skip:
+                skip -= 1
+                continue
+            cpu = time.process_time() - cpu0
+            if i == 0 and cpu - sampled >= _SMAPS_EVERY_S:  # the buffer has just filled up
+                pss, private = smaps_mb()
+                stats["peak_pss_mb"] = max(stats["peak_pss_mb"], pss)
+                stats["peak_private_mb"] = max(stats["peak_private_mb"], private)
+                sampled = cpu
+            yield items, {**stats, "stream": stream, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb()}
+            count -= 1
+            if not count:
+                return
+        chunk += 1
+
+
+def crops(items: list[Item], views: int) -> list[list[np.ndarray]]:
+    """The crops of a batch, view by view."""
+    return [[it.views[v] for it in items] for v in range(views)]
+
+
+def summary(per_stream: dict[int, dict]) -> dict:
+    """Counters summed over streams, the rates the trainer logs and the per-worker memory peaks."""
+    total: Counter = Counter()
+    for s in per_stream.values():
+        total.update({k: v for k, v in s.items() if k in COUNTERS})
+    out = {k: total[k] for k in COUNTERS}
+    out.update({k: max((s.get(k, 0.0) for s in per_stream.values()), default=0.0) for k in PER_WORKER})
+    out["dup_group_rate"] = total["dup_group_batches"] / max(1, total["batches"])
+    out["fallback_rate"] = total["fallbacks"] / max(1, total["cross_items"])
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), pages shared with other processes included."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def smaps_mb() -> tuple[float, float]:
+    """(proportional, private) memory of this process: PSS splits each shared page among the processes
+    that map it, private is what this process alone holds. Reading them walks the page tables (tens
+    of ms in a large process), so streams sample them sparingly."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}
+    return fields["Pss"] / 1024, (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024
