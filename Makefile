@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STORE  ?= local
 DEMO_DIR ?= demo-out
+SPEECH ?=
 
 .PHONY: venv demo test test-slow bench clean
 
@@ -26,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) tools/bench.py all --out bench-out
+	$(PY) tools/bench.py all --out bench-out $(if $(SPEECH),--speech $(SPEECH))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) bench-out

@@ -23,22 +23,23 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"bench_{name}").add_arguments(sub.add_parser(name))
     all_parser = sub.add_parser("all", help="every suite with its defaults, one JSON file")
     all_parser.add_argument("--out", default="bench-out")
+    all_parser.add_argument("--speech", help="a folder of real recordings for the pipeline suite too")
     args = parser.parse_args(argv)
     if args.suite == "all":
-        return run_all(Path(args.out))
+        return run_all(Path(args.out), args.speech)
     for row in importlib.import_module(f"bench_{args.suite}").run(args):
         print(json.dumps(row), flush=True)
     return 0
 
 
-def run_all(out: Path) -> int:
+def run_all(out: Path, speech: str | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in SUITES:
         sub = argparse.ArgumentParser()
         module = importlib.import_module(f"bench_{name}")
         module.add_arguments(sub)
-        for row in module.run(sub.parse_args([])):
+        for row in module.run(sub.parse_args(["--speech", speech] if speech and name == "pipeline" else [])):
             print(json.dumps(row), flush=True)
             rows.append({"suite": name, **row})
     (out / "bench.json").write_text(json.dumps(rows, indent=1))

@@ -5,8 +5,9 @@ count: the pipeline (pipeline.loader.make_loader on tar shards, lean worker proc
 a simple baseline, a map-style torch DataLoader that reads one file (or one S3 object) per utterance
 and seek-decodes the same crops with shards.format.decode_audio (libsndfile), as per-file loaders
 do. "Per core" divides pairs by all the CPU seconds the workers used, start-up included (user +
-system, from getrusage of the reaped workers), so the figure holds on a busy machine; wall-clock
-pairs/s are reported beside it. S3 is a SeaweedFS server on loopback (shards.locals3). The `decode`
+system, from getrusage of the reaped workers), so the figure holds on a busy machine; `steady` leaves out
+the pipeline workers' start-up (a fresh interpreter and its imports, about 0.4 s per worker and
+pass), and wall-clock pairs/s are reported beside it. S3 is a SeaweedFS server on loopback (shards.locals3). The `decode`
 figures isolate the decoder: the same crops read in-process by the pipeline's span reader (dr_flac)
 and by decode_audio (libsndfile).
 
@@ -177,7 +178,7 @@ def compare(name: str, shards: str, files: list[str], args, storage_options: dic
     mb = {"shuffle_buffer": args.shuffle_buffer, **common}
     return [
         _row(f"{name}_pairs_per_core", pairs / cpu, pairs / base_cpu, "pairs per worker CPU second",
-             steady=round(pairs / in_streams, 1), **common),
+             steady=round(pairs / in_streams, 1), dup_group_rate=round(loader.stats["dup_group_rate"], 3), **common),
         _row(f"{name}_pairs_per_second", pairs / wall, pairs / base_wall, "pairs/s wall clock", **common),
         _row(f"{name}_peak_rss_per_worker_mb", memory[0], base_memory[0],
              "MB resident (VmHWM), pages shared with other processes included", **mb),
