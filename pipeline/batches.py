@@ -146,8 +146,8 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
         chunk += 1
 
 
-def crops(items: list[Item], views: int) -> list[list[np.ndarray]]:
-    """The crops of a batch, view by view."""
+def by_view(items: list[Item], views: int) -> list[list[np.ndarray]]:
+    """The crops of a batch's items, view by view."""
     return [[it.views[v] for it in items] for v in range(views)]
 
 

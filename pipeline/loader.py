@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.batches import DataConfig, Plan, crops, stream_batches, summary
+from pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
 from pipeline.ring import Layout, Ring
 from pipeline.sources import resolve_all
 from pipeline.views import view_frames
@@ -40,9 +40,10 @@ def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tens
     return [v.to(device, non_blocking=True).float().div_(32768.0) for v in batch.views]
 
 
-def _tensor(view: np.ndarray, pin: bool) -> torch.Tensor:
-    out = torch.empty(view.shape, dtype=torch.int16, pin_memory=pin)
-    np.copyto(out.numpy(), view)
+def _tensor(rows: np.ndarray | list[np.ndarray], pin: bool) -> torch.Tensor:
+    """Equal-length int16 rows (crops, or a batch slot) copied into a fresh tensor, pinned when `pin`."""
+    out = torch.empty((len(rows), len(rows[0])), dtype=torch.int16, pin_memory=pin)
+    np.stack(rows, out=out.numpy())
     return out
 
 
@@ -53,7 +54,7 @@ class Loader:
     as broken, samples read and skipped, short utterances skipped or padded, cross-utterance items and
     their same-utterance fallbacks, batches and those holding a repeated group, worker CPU seconds;
     with the rates `dup_group_rate` and `fallback_rate` and the per-worker memory peaks (RSS, PSS and
-    private MB; only RSS without workers, where the trainer's own memory would dominate).
+    private MB; the trainer's own without workers).
     """
 
     def __init__(self, plan: Plan, steps: int):
@@ -69,8 +70,8 @@ class Loader:
         if cfg.workers == 0:
             for items, stats in stream_batches(self.plan, 0, 1):
                 self.per_stream[stats["stream"]] = stats
-                views = [np.stack(view) for view in crops(items, len(cfg.views))]
-                yield Batch([_tensor(v, pin) for v in views], [it.key for it in items], [it.group for it in items])
+                views = [_tensor(rows, pin) for rows in by_view(items, len(cfg.views))]
+                yield Batch(views, [it.key for it in items], [it.group for it in items])
         else:
             ring = Ring(Layout(cfg.workers, _SLOTS, cfg.batch_size, tuple(view_frames(cfg.views))))
             workers = Workers(self.plan, cfg.workers, ring)

@@ -54,10 +54,10 @@ class Ring:
             self.views.append(view.reshape(layout.workers, layout.slots, layout.batch_size, f))
             offset += 2 * count
 
-    def put(self, worker: int, slot: int, crops: list[list[np.ndarray]]) -> None:
+    def put(self, worker: int, slot: int, views: list[list[np.ndarray]]) -> None:
         """Stack a batch (its crops, view by view) into a slot."""
-        for view_crops, view in zip(crops, self.views):
-            np.stack(view_crops, out=view[worker, slot])
+        for rows, view in zip(views, self.views):
+            np.stack(rows, out=view[worker, slot])
 
     def get(self, worker: int, slot: int) -> list[np.ndarray]:
         """The views of the batch in a slot: the shared memory itself, valid until the slot is reused."""

@@ -49,7 +49,7 @@ def view_frames(seconds: list[float]) -> list[int]:
     return [int(round(s * SAMPLE_RATE)) for s in seconds]
 
 
-def _read_spans(key: str, flac: bytes, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+def read_spans(key: str, flac: bytes, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     """int16 samples of (start, frames) spans, in increasing start order, from one open of the FLAC.
 
     Same samples as shards.format.decode_audio per span, decoded by dr_flac (bundled with miniaudio)
@@ -83,7 +83,7 @@ def crops(key: str, flac: bytes, length: int, frames: list[int], rng: np.random.
     starts = [int(rng.integers(length - f + 1)) if f <= length else -1 for f in frames]
     out: list[np.ndarray | None] = [None] * len(frames)
     if min(starts) < 0:  # some view is longer than the utterance: repeat it
-        whole = _read_spans(key, flac, [(0, length)])[0]
+        whole = read_spans(key, flac, [(0, length)])[0]
         for i, f in enumerate(frames):
             if starts[i] < 0:
                 stats["short_padded"] += 1
@@ -99,7 +99,7 @@ def crops(key: str, flac: bytes, length: int, frames: list[int], rng: np.random.
             runs[-1] = (lo, max(hi, starts[i] + frames[i]), members + [i])
         else:
             runs.append((0 if starts[i] < SEEK_GAP else starts[i], starts[i] + frames[i], [i]))
-    spans = _read_spans(key, flac, [(lo, hi - lo) for lo, hi, _ in runs])
+    spans = read_spans(key, flac, [(lo, hi - lo) for lo, hi, _ in runs])
     for (lo, _, members), span in zip(runs, spans):
         for j in members:
             out[j] = span[starts[j] - lo:starts[j] - lo + frames[j]]

@@ -23,7 +23,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 
-from pipeline.batches import Plan, crops, stream_batches
+from pipeline.batches import Plan, by_view, stream_batches
 from pipeline.ring import Layout, Ring
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _serve(tasks: Connection, results: Connection, ring_fd: int) -> None:
             if produced >= layout.slots:
                 tasks.recv_bytes()  # a credit: the trainer has copied out the batch that held this slot
             slot = produced % layout.slots
-            ring.put(worker, slot, crops(items, len(layout.frames)))
+            ring.put(worker, slot, by_view(items, len(layout.frames)))
             results.send(("batch", slot, [it.key for it in items], [it.group for it in items], stats))
     except (EOFError, BrokenPipeError):
         return  # the trainer has gone or stopped this pass

@@ -160,31 +160,31 @@ def test_views_are_fixed_shape_int16_crops_of_their_utterance(shard_set, workers
 
 
 def test_seek_reader_matches_decode_audio(shard_set):
-    from pipeline.views import _read_spans
+    from pipeline.views import read_spans
     from shards.format import iter_samples
 
     url, _ = shard_set
     key, meta, flac = next(iter_samples(storage.join(url, shard_name("syn", 0))))
     n = meta["num_samples"]
     spans = [(0, 100), (300, 5000), (9000, 4000), (n - 1500, 1500)]
-    for (start, frames), got in zip(spans, _read_spans(key, flac, spans)):
+    for (start, frames), got in zip(spans, read_spans(key, flac, spans)):
         np.testing.assert_array_equal(got, decode_audio(flac, start, frames))
 
 
 def test_seek_reader_rejects_what_it_cannot_crop_safely():
-    from pipeline.views import CorruptSample, _read_spans
+    from pipeline.views import CorruptSample, read_spans
 
     flac = encode_flac(ramp(3, 0, SR))
     with pytest.raises(CorruptSample, match="u1: 8000 samples at 8000, expected 9000"):
-        _read_spans("u1", flac, [(8000, 9000)])  # past the end
+        read_spans("u1", flac, [(8000, 9000)])  # past the end
     with pytest.raises(CorruptSample, match="u2: .*expected 16000"):
-        _read_spans("u2", flac[:len(flac) // 2], [(0, SR)])  # truncated
+        read_spans("u2", flac[:len(flac) // 2], [(0, SR)])  # truncated
     with pytest.raises(CorruptSample, match="u3: not a FLAC"):
-        _read_spans("u3", b"RIFF" + bytes(100), [(0, 10)])
+        read_spans("u3", b"RIFF" + bytes(100), [(0, 10)])
     buf = io.BytesIO()
     sf.write(buf, np.zeros((SR, 2), dtype=np.int16), SR, format="FLAC")
     with pytest.raises(CorruptSample, match="u4: 2 channels"):  # would overflow a mono buffer
-        _read_spans("u4", buf.getvalue(), [(0, 100)])
+        read_spans("u4", buf.getvalue(), [(0, 100)])
 
 
 def test_batches_through_workers_equal_the_in_process_stream(shard_set):
@@ -383,3 +383,19 @@ def test_shards_read_as_a_webdataset(shard_set):
         slope, phase, n = truth[sample["__key__"]]
         assert json.loads(sample["json"])["num_samples"] == n
         np.testing.assert_array_equal(decode_audio(sample["flac"]), ramp(slope, phase, n))
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_code(shard_set):
+    url, _ = shard_set
+    cfg = config(url, workers=1, steps_per_epoch=40)
+    ring = Ring(Layout(workers=1, slots=2, batch_size=cfg.batch_size, frames=tuple(view_frames(cfg.views))))
+    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, ring)
+    try:
+        workers.receive(0)
+        workers.procs[0].send_signal(signal.SIGKILL)  # e.g. the kernel's OOM killer
+        with pytest.raises(RuntimeError, match="pipeline worker 0 exited with code -9"):
+            for step in range(1, 40):  # the batches it sent before dying come first
+                workers.free(0)
+                workers.receive(step)
+    finally:
+        workers.close()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from pipeline.batches import peak_rss_mb, smaps_mb
 from pipeline.loader import DataConfig, make_loader
 from pipeline.sources import open_shard
-from pipeline.views import _read_spans
+from pipeline.views import read_spans
 from shards import corpora, storage
 from shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
@@ -200,7 +200,7 @@ def decode(name: str, shards: str, views: list[float], seed: int) -> dict:
         start = time.process_time()
         for key, flac, starts in crops:
             for begin, f in zip(starts, frames):  # one open per crop: the spans may overlap
-                _read_spans(key, flac, [(begin, f)]) if reader == "dr_flac" else decode_audio(flac, begin, f)
+                read_spans(key, flac, [(begin, f)]) if reader == "dr_flac" else decode_audio(flac, begin, f)
         cpu[reader] = time.process_time() - start
     return _row(f"{name}_decode_pairs_per_core", len(crops) / cpu["dr_flac"], len(crops) / cpu["libsndfile"],
                 "two-crop decodes per CPU second (dr_flac vs libsndfile)", views=views, pairs=len(crops))
