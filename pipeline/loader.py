@@ -18,9 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
-from pipeline.ring import Layout, Ring
 from pipeline.sources import resolve_all
-from pipeline.views import view_frames
 from pipeline.workers import Workers
 
 __all__ = ["Batch", "DataConfig", "Loader", "make_loader", "views_to_device"]
@@ -73,13 +71,12 @@ class Loader:
                 views = [_tensor(rows, pin) for rows in by_view(items, len(cfg.views))]
                 yield Batch(views, [it.key for it in items], [it.group for it in items])
         else:
-            ring = Ring(Layout(cfg.workers, _SLOTS, cfg.batch_size, tuple(view_frames(cfg.views))))
-            workers = Workers(self.plan, cfg.workers, ring)
+            workers = Workers(self.plan, cfg.workers, _SLOTS)
             try:
                 for step in range(self.steps):
                     worker, slot, keys, groups, stats = workers.receive(step)
                     self.per_stream[stats["stream"]] = stats
-                    views = [_tensor(v, pin) for v in ring.get(worker, slot)]
+                    views = [_tensor(v, pin) for v in workers.ring.get(worker, slot)]
                     workers.free(worker)
                     yield Batch(views, keys, groups)
             finally:

@@ -62,3 +62,12 @@ class Ring:
     def get(self, worker: int, slot: int) -> list[np.ndarray]:
         """The views of the batch in a slot: the shared memory itself, valid until the slot is reused."""
         return [view[worker, slot] for view in self.views]
+
+    def close(self) -> None:
+        """Unmap and close the descriptor: the memory goes once no process maps it any more."""
+        self.views = []
+        try:
+            self.memory.close()
+        except BufferError:
+            pass  # someone still holds a view of a slot: the mapping goes with it
+        os.close(self.fd)

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 
 from pipeline.batches import Plan, by_view, stream_batches
 from pipeline.ring import Layout, Ring
+from pipeline.views import view_frames
 
 log = logging.getLogger(__name__)
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +33,13 @@ _STOP_TIMEOUT_S = 5.0
 
 
 class Workers:
-    """The worker processes of one pass over a rank's epoch. Step i of the pass comes from worker
-    i % count: `receive(i)` gives its (slot, keys, groups, stats), and `free(worker)` gives the slot back."""
+    """The worker processes of one pass over a rank's epoch, and their ring of `slots` batch slots
+    each. Step i of the pass comes from worker i % count: `receive(i)` gives its (worker, slot, keys,
+    groups, stats), `ring.get(worker, slot)` its views, and `free(worker)` gives the slot back."""
 
-    def __init__(self, plan: Plan, count: int, ring: Ring):
-        self.count, self.ring = count, ring
+    def __init__(self, plan: Plan, count: int, slots: int):
+        self.count = count
+        self.ring = ring = Ring(Layout(count, slots, plan.cfg.batch_size, tuple(view_frames(plan.cfg.views))))
         self.procs: list[subprocess.Popen] = []
         self.tasks: list[Connection] = []
         self.results: list[Connection] = []
@@ -88,6 +91,7 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.ring.close()
 
 
 def _serve(tasks: Connection, results: Connection, ring_fd: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,9 +21,7 @@ import soundfile as sf
 import torch
 
 from pipeline.loader import Batch, DataConfig, make_loader, views_to_device
-from pipeline.ring import Layout, Ring
 from pipeline.stream import CorruptShard
-from pipeline.views import view_frames
 from pipeline.workers import Workers
 from shards import storage
 from shards.format import Manifest, build_shard, decode_audio, encode_flac, sample_key, shard_name, write_manifest
@@ -342,14 +341,13 @@ def test_a_worker_waits_for_its_slot_to_be_freed_before_reusing_it(shard_set):
     url, _ = shard_set
     cfg = config(url, steps_per_epoch=6)
     expected = list(make_loader(cfg, 0, 0, 1))  # in process: the same single stream as one worker
-    ring = Ring(Layout(workers=1, slots=2, batch_size=cfg.batch_size, frames=tuple(view_frames(cfg.views))))
-    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, ring)
+    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, slots=2)
     try:
         for step, want in enumerate(expected):
             _, slot, keys, _, _ = workers.receive(step)
             time.sleep(0.3)  # a worker that did not wait for its credit would overwrite the slot by now
             assert keys == want.keys
-            assert all(np.array_equal(got, v.numpy()) for got, v in zip(ring.get(0, slot), want.views))
+            assert all(np.array_equal(got, v.numpy()) for got, v in zip(workers.ring.get(0, slot), want.views))
             workers.free(0)
     finally:
         workers.close()
@@ -388,8 +386,7 @@ def test_shards_read_as_a_webdataset(shard_set):
 def test_a_worker_that_dies_is_reported_with_its_exit_code(shard_set):
     url, _ = shard_set
     cfg = config(url, workers=1, steps_per_epoch=40)
-    ring = Ring(Layout(workers=1, slots=2, batch_size=cfg.batch_size, frames=tuple(view_frames(cfg.views))))
-    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, ring)
+    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, slots=2)
     try:
         workers.receive(0)
         workers.procs[0].send_signal(signal.SIGKILL)  # e.g. the kernel's OOM killer
@@ -399,3 +396,13 @@ def test_a_worker_that_dies_is_reported_with_its_exit_code(shard_set):
                 workers.receive(step)
     finally:
         workers.close()
+
+
+def test_passes_release_their_descriptors_and_shared_memory(shard_set):
+    url, _ = shard_set
+    loader = make_loader(config(url, workers=2, steps_per_epoch=4), 0, 0, 1)
+    list(loader)
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):  # an epoch each
+        list(loader)
+    assert sorted(os.listdir("/proc/self/fd")) == before
