@@ -1,18 +1,12 @@
 """The streaming pipeline on real tar shards: splitting, epochs, views, corruption, resume, S3.
 
-Every utterance is a ramp: sample i of utterance u holds (slope_u * (i + phase_u)) mod 2**16, so a
-crop tells which utterance of its group it came from (its slope) and where it started (its phase),
-and FLAC round-trips it exactly.
+Every utterance is a ramp (tests/ramps.py), so a crop tells which utterance it came from and where.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -20,47 +14,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.loader import Batch, DataConfig, make_loader, views_to_device
+from pipeline.loader import Batch, make_loader, views_to_device
 from pipeline.stream import CorruptShard
-from pipeline.workers import Workers
+from ramps import SR, config, make_set, ramp
 from shards import storage
-from shards.format import Manifest, build_shard, decode_audio, encode_flac, sample_key, shard_name, write_manifest
-
-SR = 16000
-
-
-def ramp(slope: int, phase: int, n: int) -> np.ndarray:
-    return ((slope * (np.arange(n, dtype=np.int64) + phase)) % 65536 - 32768).astype(np.int16)
-
-
-def make_set(url: str, shard_sizes: list[int], group_size: int = 3, seconds=(1.0, 2.5), seed: int = 0,
-             corpus: str = "syn", manifest: bool = True) -> dict[str, tuple[int, int, int]]:
-    """Write shards of ramps; return {key: (slope, phase, num_samples)}."""
-    rng = np.random.default_rng(seed)
-    truth, stats, u = {}, [], 0
-    for s, size in enumerate(shard_sizes):
-        samples = []
-        for i in range(size):
-            group = f"{corpus}-s{s}-g{i // group_size}"
-            slope, phase, n = 1 + i % group_size, int(rng.integers(65536)), int(rng.uniform(*seconds) * SR)
-            key = sample_key(corpus, f"spk{i // group_size}", group, f"u{u}")
-            meta = {"utt": f"u{u}", "corpus": corpus, "speaker": f"spk{i // group_size}", "session": group,
-                    "group": group, "duration": n / SR, "num_samples": n, "sample_rate": SR, "source": "ramp"}
-            samples.append((key, meta, encode_flac(ramp(slope, phase, n))))
-            truth[key] = (slope, phase, n)
-            u += 1
-        data, st = build_shard(samples, shard_name(corpus, s))
-        storage.write_bytes(storage.join(url, st.name), data)
-        stats.append(vars(st))
-    if manifest:
-        write_manifest(url, Manifest(corpus=corpus, prefix=corpus, shards=stats))
-    return truth
-
-
-def config(train, **kw) -> DataConfig:
-    base = dict(train=train, views=[0.5, 0.5], batch_size=4, workers=0, shuffle_buffer=16,
-                steps_per_epoch=6, min_duration=0.3, chunk_steps=2)
-    return DataConfig(**{**base, **kw})
+from shards.format import decode_audio, encode_flac, shard_name
 
 
 def crop_slope(crop: np.ndarray) -> int:
@@ -184,19 +142,6 @@ def test_seek_reader_rejects_what_it_cannot_crop_safely():
     sf.write(buf, np.zeros((SR, 2), dtype=np.int16), SR, format="FLAC")
     with pytest.raises(CorruptSample, match="u4: 2 channels"):  # would overflow a mono buffer
         read_spans("u4", buf.getvalue(), [(0, 100)])
-
-
-def test_batches_through_workers_equal_the_in_process_stream(shard_set):
-    """One worker runs the same single stream as no worker: its batches, copied out of the shared
-    slots it reuses, must equal the in-process ones even when all are held at once."""
-    url, _ = shard_set
-    cfg = config(url, steps_per_epoch=10)
-    inline = list(make_loader(cfg, 1, 0, 1))
-    cfg.workers = 1
-    through = list(make_loader(cfg, 1, 0, 1))
-    assert [b.keys for b in through] == [b.keys for b in inline]
-    for a, b in zip(through, inline):
-        assert all(torch.equal(va, vb) for va, vb in zip(a.views, b.views))
 
 
 def test_cross_utterance_views_come_from_other_utterances_of_the_group(tmp_path):
@@ -337,39 +282,6 @@ def test_a_corpus_with_no_readable_shard_fails_instead_of_spinning(tmp_path):
         list(make_loader(config(f"{tmp_path}/bad-{{000000..000001}}.tar"), 0, 0, 1))
 
 
-def test_a_worker_waits_for_its_slot_to_be_freed_before_reusing_it(shard_set):
-    url, _ = shard_set
-    cfg = config(url, steps_per_epoch=6)
-    expected = list(make_loader(cfg, 0, 0, 1))  # in process: the same single stream as one worker
-    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, slots=2)
-    try:
-        for step, want in enumerate(expected):
-            _, slot, keys, _, _ = workers.receive(step)
-            time.sleep(0.3)  # a worker that did not wait for its credit would overwrite the slot by now
-            assert keys == want.keys
-            assert all(np.array_equal(got, v.numpy()) for got, v in zip(workers.ring.get(0, slot), want.views))
-            workers.free(0)
-    finally:
-        workers.close()
-
-
-def test_an_error_in_a_worker_is_raised_in_the_trainer(tmp_path):
-    url = str(tmp_path)
-    make_set(url, [8])
-    (tmp_path / shard_name("syn", 0)).write_bytes(b"not a tar" * 100)
-    cfg = config(url, workers=1, strict=True)
-    with pytest.raises(CorruptShard, match="syn-000000.tar") as caught:
-        list(make_loader(cfg, 0, 0, 1))
-    assert "in pipeline worker 0" in "".join(getattr(caught.value, "__notes__", []))
-
-
-def test_workers_do_not_import_torch():
-    """Lean workers: what they import decides their memory (torch alone is ~500 MB resident)."""
-    code = "import sys, pipeline.workers; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_shards_read_as_a_webdataset(shard_set):
     """The format is WebDataset's: its own reader sees one sample per utterance with .flac and .json."""
     import webdataset as wds
@@ -381,28 +293,3 @@ def test_shards_read_as_a_webdataset(shard_set):
         slope, phase, n = truth[sample["__key__"]]
         assert json.loads(sample["json"])["num_samples"] == n
         np.testing.assert_array_equal(decode_audio(sample["flac"]), ramp(slope, phase, n))
-
-
-def test_a_worker_that_dies_is_reported_with_its_exit_code(shard_set):
-    url, _ = shard_set
-    cfg = config(url, workers=1, steps_per_epoch=40)
-    workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, slots=2)
-    try:
-        workers.receive(0)
-        workers.procs[0].send_signal(signal.SIGKILL)  # e.g. the kernel's OOM killer
-        with pytest.raises(RuntimeError, match="pipeline worker 0 exited with code -9"):
-            for step in range(1, 40):  # the batches it sent before dying come first
-                workers.free(0)
-                workers.receive(step)
-    finally:
-        workers.close()
-
-
-def test_passes_release_their_descriptors_and_shared_memory(shard_set):
-    url, _ = shard_set
-    loader = make_loader(config(url, workers=2, steps_per_epoch=4), 0, 0, 1)
-    list(loader)
-    before = sorted(os.listdir("/proc/self/fd"))
-    for _ in range(3):  # an epoch each
-        list(loader)
-    assert sorted(os.listdir("/proc/self/fd")) == before
