@@ -22,12 +22,10 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
-
 from pipeline.batches import Plan, by_view, stream_batches
 from pipeline.ring import Layout, Ring
 from pipeline.views import view_frames
 
-log = logging.getLogger(__name__)
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STOP_TIMEOUT_S = 5.0
 
@@ -107,7 +105,7 @@ def _serve(tasks: Connection, results: Connection, ring_fd: int) -> None:
             results.send(("batch", slot, [it.key for it in items], [it.group for it in items], stats))
     except (EOFError, BrokenPipeError):
         return  # the trainer has gone or stopped this pass
-    except BaseException as e:
+    except Exception as e:
         try:
             results.send(("error", e, traceback.format_exc()))
         except Exception:  # unpicklable: the text is enough
