@@ -32,7 +32,7 @@ from model.methods import build_method
 from model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
 from model.schedules import cosine, warmup_cosine
 from pipeline.augment import Augmenter
-from pipeline.loader import make_loader, views_to_device
+from pipeline.loader import group_ids, make_loader, views_to_device
 from shards import storage
 from shards.format import MANIFEST
 
@@ -176,13 +176,13 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> Non
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter, views: list[torch.Tensor],
-               autocast: torch.autocast, grad_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step on a batch of views already on the device; (loss, stats) stay there."""
+               groups: torch.Tensor, autocast: torch.autocast, grad_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on a batch of views (and their group ids) already on the device; (loss, stats) stay there."""
     with torch.no_grad():
         if augmenter.enabled:
             views = [augmenter(v) for v in views]  # each view its own draw: different noise, room, SNR
     with autocast:
-        loss, stats = model(views)
+        loss, stats = model(views, groups)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -280,7 +280,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                 wd = cosine(step, total, optim.weight_decay, optim.final_weight_decay)
                 set_schedules(optimizer, lr, wd)
                 views = views_to_device(batch, device)
-                loss, stats = train_step(model, optimizer, augmenter, views, autocast, optim.grad_clip)
+                loss, stats = train_step(model, optimizer, augmenter, views, group_ids(batch, device), autocast,
+                                         optim.grad_clip)
                 method.after_step(step, total)
                 step += 1
                 meter.add(loss, stats)

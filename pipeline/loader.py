@@ -10,6 +10,7 @@ each batch out as it arrives (into pinned memory on CUDA, where a copy was neede
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,7 +22,7 @@ from pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
 from pipeline.sources import resolve_all
 from pipeline.workers import Workers
 
-__all__ = ["Batch", "DataConfig", "Loader", "make_loader", "views_to_device"]
+__all__ = ["Batch", "DataConfig", "Loader", "group_ids", "make_loader", "views_to_device"]
 log = logging.getLogger(__name__)
 _SLOTS = 2  # batches a worker may have ready before the trainer takes one
 
@@ -36,6 +37,14 @@ class Batch:
 def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tensor]:
     """float32 views in [-1, 1] on `device` (int16 travels, the conversion runs there)."""
     return [v.to(device, non_blocking=True).float().div_(32768.0) for v in batch.views]
+
+
+def group_ids(batch: Batch, device: torch.device | str) -> torch.Tensor:
+    """int64 [B] ids of the items' groups on `device`, equal on every rank for equal group names
+    (a hash of the name, not Python's per-process one): methods with negatives leave pairs of one
+    group out of them, since a shuffle buffer cannot keep every batch free of repeated groups."""
+    ids = [int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") >> 1 for g in batch.groups]
+    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _tensor(rows: np.ndarray | list[np.ndarray], pin: bool) -> torch.Tensor:

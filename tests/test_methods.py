@@ -13,8 +13,10 @@ import torch.multiprocessing as mp
 
 from model.encoders import EncoderConfig
 from model.methods import build_method, method_config
+from model.methods.simclr import nt_xent
 
 SR = 16000
+GROUPS = torch.tensor([0, 1, 1, 2, 3, 0, 4, 5])  # repeats within a rank and across the two
 TINY = EncoderConfig("ecapa", channels=32, embed_dim=32)
 SMALL = {  # published recipes shrunk to test size
     "simclr": {"name": "simclr", "projector_hidden_dim": 64, "projector_output_dim": 32},
@@ -202,7 +204,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         for name in ("simclr", "moco"):
             method = make(name).eval()  # BatchNorm on running stats: per-sample, rank-independent
             views = [v.chunk(world)[rank] for v in batch(name, size=8)]
-            loss, _ = method(views)
+            loss, _ = method(views, GROUPS.chunk(world)[rank])
             loss.backward()
             grads = [p.grad.clone() for p in method.parameters() if p.grad is not None]
             for g in grads:  # what DDP does
@@ -211,7 +213,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             result[name] = {"loss": mean_loss / world, "grads": grads, "queue": method.queue.clone()
-                            if name == "moco" else None, "ptr": int(getattr(method, "queue_ptr", 0))}
+                            if name == "moco" else None, "ptr": int(getattr(method, "queue_ptr", 0)),
+                            "queue_groups": getattr(method, "queue_groups", None)}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -222,7 +225,7 @@ def test_two_ranks_match_one_process_over_the_whole_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name in ("simclr", "moco"):
         method = make(name).eval()
-        loss, _ = method(batch(name, size=8))
+        loss, _ = method(batch(name, size=8), GROUPS)
         loss.backward()
         grads = [p.grad for p in method.parameters() if p.grad is not None]
         for r in ranks:
@@ -235,3 +238,34 @@ def test_two_ranks_match_one_process_over_the_whole_batch(tmp_path):
     for r in ranks:
         assert r["moco"]["ptr"] == int(method.queue_ptr) == 16
         torch.testing.assert_close(r["moco"]["queue"][:16], method.queue[:16], atol=1e-5, rtol=1e-4)
+        assert r["moco"]["queue_groups"][:16].tolist() == GROUPS.repeat(2).tolist()
+
+
+def test_simclr_leaves_the_anchors_group_out_of_its_negatives():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    groups = torch.tensor([0, 0, 1, 2, 2, 2])
+    loss, _ = nt_xent(z1, z2, 0.2, groups)
+    anchors, group = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1), groups.repeat(2)
+    terms = []
+    for i in range(12):  # the denominator: the positive and every sample of another group
+        positive = (i + 6) % 12
+        kept = [j for j in range(12) if j == positive or group[j] != group[i]]
+        logits = anchors[i] @ anchors[kept].T / 0.2
+        terms.append(torch.logsumexp(logits, 0) - logits[kept.index(positive)])
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    plain = nt_xent(z1, z2, 0.2)[0]
+    torch.testing.assert_close(nt_xent(z1, z2, 0.2, torch.arange(6))[0], plain)  # all distinct: plain NT-Xent
+    assert abs(loss.item() - plain.item()) > 1e-3
+
+
+def test_moco_skips_queued_keys_of_the_querys_group():
+    method = make("moco", queue_size=40)
+    views = batch("moco", size=8)
+    method(views, torch.arange(100, 108))
+    assert method.queue_groups.tolist() == list(range(100, 108)) * 2 + [-1] * 24
+    method.queue_groups.fill_(7)
+    alone, _ = method(views, torch.full((8,), 7))  # every queued key is of the query's own group
+    assert alone.item() < 1e-6  # the positive is the only candidate left
+    method.queue_groups.fill_(7)
+    assert method(views)[0].item() > 0.1  # without groups the queue stays negative

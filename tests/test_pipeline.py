@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.loader import Batch, make_loader, views_to_device
+from pipeline.loader import Batch, group_ids, make_loader, views_to_device
 from pipeline.stream import CorruptShard
 from ramps import SR, config, make_set, ramp
 from shards import storage
@@ -293,3 +296,12 @@ def test_shards_read_as_a_webdataset(shard_set):
         slope, phase, n = truth[sample["__key__"]]
         assert json.loads(sample["json"])["num_samples"] == n
         np.testing.assert_array_equal(decode_audio(sample["flac"]), ramp(slope, phase, n))
+
+
+def test_group_ids_are_equal_for_equal_names_in_every_process():
+    ids = group_ids(Batch([], ["a", "b", "c"], ["s1", "s2", "s1"]), "cpu")
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1] and (ids >= 0).all()
+    code = "from pipeline.loader import Batch, group_ids; print(group_ids(Batch([], [], ['s1']), 'cpu').item())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})  # another rank: another str hash
+    assert int(other.stdout) == ids[0].item()

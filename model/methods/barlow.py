@@ -63,7 +63,8 @@ class BarlowTwins(SSLMethod):
         self.projector = mlp([embed_dim, cfg.projector_hidden_dim, cfg.projector_hidden_dim,
                               cfg.projector_output_dim])
 
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
         if len(views) < 2:
             raise ValueError(f"Barlow Twins needs 2 views, got {len(views)}")
         ya, yb = encode_views(self.encoder, views[:2])

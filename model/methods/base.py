@@ -19,9 +19,12 @@ class SSLMethod(nn.Module, abc.ABC):
 
     - `encoder` maps waveforms [B, T] (float, on the device, already augmented) to embeddings [B, D];
       it includes the fbank front-end (model.features) so every branch sees the same input.
-    - `forward(views)` takes a list of [B, T_v] waveforms (the pipeline's views, in recipe order:
-      global crops first for DINO) and returns (scalar loss, stats). Stats are detached scalar
+    - `forward(views, groups)` takes a list of [B, T_v] waveforms (the pipeline's views, in recipe
+      order: global crops first for DINO) and returns (scalar loss, stats). Stats are detached scalar
       tensors (loss parts, collapse monitors from model.monitors) so the trainer can all-reduce them.
+      `groups` (int64 [B], pipeline.loader.group_ids; None: every item its own group) names the
+      items' sessions or pseudo-labels: methods that contrast against negatives (SimCLR, MoCo) leave
+      items of the anchor's group out of them, because those are the same speaker.
     - `after_step(step, total_steps)` runs after the optimizer step: momentum/EMA updates,
       schedules that depend on progress (e.g. DINO teacher temperature and momentum).
     - `embedder()` is the network used for evaluation (the teacher for DINO, the encoder otherwise).
@@ -38,7 +41,8 @@ class SSLMethod(nn.Module, abc.ABC):
         self.embed_dim = embed_dim
 
     @abc.abstractmethod
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss, detached scalar stats) for a list of [B, T_v] waveform views."""
 
     @torch.no_grad()

@@ -72,7 +72,8 @@ class DINO(SSLMethod):
             return cfg.teacher_temp
         return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * p / cfg.warmup_teacher_temp_fraction
 
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
         g = self.cfg.global_views
         if len(views) <= g:
             raise ValueError(f"dino needs {g} global views and at least one local view (data.views), got {len(views)}")

@@ -37,24 +37,33 @@ class MoCo(SSLMethod):
         self.momentum_projector = frozen_copy(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # The group of each queued key (-1: none), so a query skips the keys of its own session.
+        self.register_buffer("queue_groups", torch.full((cfg.queue_size,), -1, dtype=torch.long))
 
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(views) != 2:
             raise ValueError(f"moco needs 2 views (data.views), got {len(views)}")
         y1, y2 = encode_views(self.encoder, views)
         q1, q2 = F.normalize(self.projector(y1).float(), dim=1), F.normalize(self.projector(y2).float(), dim=1)
         with torch.no_grad():
             k1, k2 = (F.normalize(k.float(), dim=1) for k in self._keys(views))
+        if groups is None:  # each item its own group: nothing queued shares it
+            groups = torch.full((len(q1),), -1, dtype=torch.long, device=q1.device)
+        own = (self.queue_groups[None, :] == groups[:, None]) & (groups[:, None] >= 0)
         queue = self.queue.clone()
-        loss = (self._infonce(q1, k2, queue) + self._infonce(q2, k1, queue)) / 2
-        self._enqueue(torch.cat([distributed.gather(k1), distributed.gather(k2)]))
+        loss = (self._infonce(q1, k2, queue, own) + self._infonce(q2, k1, queue, own)) / 2
+        everyone = distributed.gather(groups)
+        self._enqueue(torch.cat([distributed.gather(k1), distributed.gather(k2)]), everyone.repeat(2))
         y = y1.detach()
         return loss, {"loss": loss.detach(), "embedding_std": monitors.embedding_std(y),
                       "effective_rank": monitors.effective_rank(y)}
 
-    def _infonce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy picking the key of the same utterance among it and the queue."""
-        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1)
+    def _infonce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy picking the key of the same utterance among it and the queued keys of
+        other groups (`own` [B, K] marks the query's group in the queue)."""
+        negatives = (q @ queue.T).masked_fill(own, float("-inf"))
+        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), negatives], dim=1)
         return F.cross_entropy(logits / self.cfg.temperature, torch.zeros_like(logits[:, 0], dtype=torch.long))
 
     def _keys(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,11 +81,12 @@ class MoCo(SSLMethod):
         return [distributed.gather(k)[where] for k in keys]
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
+    def _enqueue(self, keys: torch.Tensor, groups: torch.Tensor) -> None:
         """Overwrite the oldest entries, wrapping around (any batch size works)."""
-        keys = keys[-len(self.queue):]
+        keys, groups = keys[-len(self.queue):], groups[-len(self.queue):]
         idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
         self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_groups[idx] = groups
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
 
     @torch.no_grad()

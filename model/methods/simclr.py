@@ -1,5 +1,6 @@
 """SimCLR (Chen et al. 2020) for speakers: NT-Xent between two crops of one utterance, with the
-negatives of every rank (gathered with gradients, so the loss is that of the global batch)."""
+negatives of every rank (gathered with gradients, so the loss is that of the global batch), less
+the items of the anchor's own group (session), which are the same speaker."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,21 +22,27 @@ class Config(MethodConfig):
     projector_output_dim: int = 256
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+            groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NT-Xent of this rank's 2B anchors against the 2N samples of all ranks; (loss, top-1 accuracy).
 
-    The mean over ranks of this loss is the single-process loss over the concatenated batch, and
-    gather_with_grad's backward makes the DDP-averaged gradient that of the global loss.
+    An anchor's denominator holds its positive and every sample of another group (`groups`, int64
+    [B]; None: each item its own group, the plain NT-Xent). The mean over ranks of this loss is the
+    single-process loss over the concatenated batch, and gather_with_grad's backward makes the
+    DDP-averaged gradient that of the global loss.
     """
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     anchors = torch.cat([z1, z2])
     samples = torch.cat([distributed.gather_with_grad(z1), distributed.gather_with_grad(z2)])
     b, n = len(z1), len(samples) // 2
     local = torch.arange(b, device=z1.device) + distributed.rank() * b
-    itself = torch.cat([local, local + n])
     positive = torch.cat([local + n, local])
-    logits = anchors @ samples.T / temperature
-    logits = logits.masked_fill(F.one_hot(itself, 2 * n).bool(), float("-inf"))
+    if groups is None:
+        groups = local
+    everyone = distributed.gather(groups).repeat(2)
+    same = groups.repeat(2)[:, None] == everyone[None, :]  # itself included
+    same[torch.arange(2 * b, device=z1.device), positive] = False
+    logits = (anchors @ samples.T / temperature).masked_fill(same, float("-inf"))
     accuracy = (logits.argmax(dim=1) == positive).float().mean()
     return F.cross_entropy(logits, positive), accuracy
 
@@ -48,11 +55,12 @@ class SimCLR(SSLMethod):
         self.projector = (mlp([embed_dim, cfg.projector_hidden_dim, cfg.projector_output_dim],
                               batch_norm=False) if cfg.enable_projector else torch.nn.Identity())
 
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(views) != 2:
             raise ValueError(f"simclr needs 2 views (data.views), got {len(views)}")
         y1, y2 = encode_views(self.encoder, views)
-        loss, accuracy = nt_xent(self.projector(y1), self.projector(y2), self.cfg.temperature)
+        loss, accuracy = nt_xent(self.projector(y1), self.projector(y2), self.cfg.temperature, groups)
         y = y1.detach()
         return loss, {"loss": loss.detach(), "accuracy": accuracy,
                       "embedding_std": monitors.embedding_std(y), "effective_rank": monitors.effective_rank(y)}

@@ -82,7 +82,8 @@ class SwAV(SSLMethod):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
         n_assign = self.cfg.assign_views
         if len(views) < max(n_assign, 2):
             raise ValueError(f"SwAV needs at least {max(n_assign, 2)} views "
