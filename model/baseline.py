@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from model.metrics import eer
+from voxstream.model.metrics import eer
 
 SAMPLE_RATE = 16000
 _MFCC = torchaudio.transforms.MFCC(
@@ -81,7 +81,7 @@ def baseline_eers(trials_path: str | Path, audio_root: str | Path) -> dict[str, 
     return {k: round(100 * v, 2) for k, v in result.items()}
 
 
-if __name__ == "__main__":     # python -m model.baseline TRIALS AUDIO_ROOT -> {"all": .., "same_session": .., ...}
+if __name__ == "__main__":     # python -m voxstream.model.baseline TRIALS AUDIO_ROOT -> {"all": .., "same_session": .., ...}
     import json
     import sys
 

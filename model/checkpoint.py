@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from shards import storage
+from voxstream.shards import storage
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -74,8 +74,8 @@ def read_checkpoint(url: str, storage_options: dict | None = None) -> dict:
 
 def load_method(url: str, storage_options: dict | None = None):
     """(method with trained weights, recipe dict): what evaluation needs from a checkpoint."""
-    from model.encoders import EncoderConfig
-    from model.methods import build_method, method_config
+    from voxstream.model.encoders import EncoderConfig
+    from voxstream.model.methods import build_method, method_config
 
     ckpt = read_checkpoint(url, storage_options)
     recipe = ckpt["recipe"]

@@ -33,7 +33,7 @@ import torchaudio.functional as AF
 from torch import nn
 from tqdm import tqdm
 
-from shards.format import SAMPLE_RATE, decode_audio, iter_samples, sample_key, shard_urls
+from voxstream.shards.format import SAMPLE_RATE, decode_audio, iter_samples, sample_key, shard_urls
 
 log = logging.getLogger(__name__)
 SHARD_ATTEMPTS = 3

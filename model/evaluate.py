@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import metrics, plots, scoring
-from model.embeddings import EmbedOptions, EmbeddingCache, FolderAudio, ShardAudio, model_fingerprint, trial_suffix
-from shards import storage
+from voxstream.model import metrics, plots, scoring
+from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, FolderAudio, ShardAudio, model_fingerprint, trial_suffix
+from voxstream.shards import storage
 
 P_TARGETS = (0.01, 0.05)
 
@@ -228,15 +228,15 @@ def load_embedder(checkpoint: str = "", config: str = "", untrained: bool = Fals
                   storage_options: dict | None = None) -> tuple[nn.Module, str]:
     """(embedder, name): a checkpoint's trained network, or with `untrained` the same architecture at
     initialisation, built from the recipe file `config` or from the checkpoint's own recipe."""
-    from model.checkpoint import load_method, read_checkpoint
-    from model.encoders import EncoderConfig
-    from model.methods import build_method, method_config
+    from voxstream.model.checkpoint import load_method, read_checkpoint
+    from voxstream.model.encoders import EncoderConfig
+    from voxstream.model.methods import build_method, method_config
 
     if not untrained:
         method, _ = load_method(checkpoint, storage_options)
         return method.embedder().eval(), checkpoint
     if config:
-        from model.recipe import load_recipe   # validates the file the way training does
+        from voxstream.model.recipe import load_recipe   # validates the file the way training does
         recipe = load_recipe(config)
         enc_cfg, method_cfg = recipe.model, recipe.method
     else:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import distributed
-from shards import storage
+from voxstream.model import distributed
+from voxstream.shards import storage
 
 METRICS = "metrics.jsonl"
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from model.encoders import EncoderConfig
-from model.methods import METHODS
-from model.methods.base import MethodConfig
-from pipeline.augment import AugmentConfig
-from pipeline.loader import DataConfig
+from voxstream.model.encoders import EncoderConfig
+from voxstream.model.methods import METHODS
+from voxstream.model.methods.base import MethodConfig
+from voxstream.pipeline.augment import AugmentConfig
+from voxstream.pipeline.loader import DataConfig
 
 
 class RecipeError(ValueError):

@@ -25,16 +25,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from model import distributed
-from model.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from model.logs import Meter, MetricsLog
-from model.methods import build_method
-from model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
-from model.schedules import cosine, warmup_cosine
-from pipeline.augment import Augmenter
-from pipeline.loader import group_ids, make_loader, views_to_device
-from shards import storage
-from shards.format import MANIFEST
+from voxstream.model import distributed
+from voxstream.model.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from voxstream.model.logs import Meter, MetricsLog
+from voxstream.model.methods import build_method
+from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
+from voxstream.model.schedules import cosine, warmup_cosine
+from voxstream.pipeline.augment import Augmenter
+from voxstream.pipeline.loader import group_ids, make_loader, views_to_device
+from voxstream.shards import storage
+from voxstream.shards.format import MANIFEST
 
 
 class TrainingError(RuntimeError):
@@ -140,7 +140,7 @@ def check_outputs(recipe: Recipe) -> None:
 
 def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.device) -> dict:
     """EER and minDCF of the current embedder on train.trials (rank 0; the others wait)."""
-    from model.evaluate import EvalConfig, evaluate
+    from voxstream.model.evaluate import EvalConfig, evaluate
 
     shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST))
     out = (Path(storage.filesystem(cfg.out_dir)[1]) / "val" if storage.is_local(cfg.out_dir)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.banks import KINDS, NOISE_KINDS, Bank
-from shards.format import SAMPLE_RATE
+from voxstream.pipeline.banks import KINDS, NOISE_KINDS, Bank
+from voxstream.shards.format import SAMPLE_RATE
 
 CATEGORIES = ("noise", "music", "babble")
 CATEGORY_KIND = torch.tensor([KINDS.index(k) for k in ("noise", "music", "speech")])  # babble is speech

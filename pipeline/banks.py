@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from shards import storage
-from shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
+from voxstream.shards import storage
+from voxstream.shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
 
 log = logging.getLogger(__name__)

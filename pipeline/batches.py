@@ -31,10 +31,10 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.sources import Corpus
-from pipeline.stream import mixed_samples
-from pipeline.views import Item, cross_utterance, same_utterance, view_frames
-from shards.format import SAMPLE_RATE
+from voxstream.pipeline.sources import Corpus
+from voxstream.pipeline.stream import mixed_samples
+from voxstream.pipeline.views import Item, cross_utterance, same_utterance, view_frames
+from voxstream.shards.format import SAMPLE_RATE
 
 MODES = ("same-utterance", "cross-utterance")
 COUNTERS = ("shards_opened", "shards_skipped", "samples_read", "samples_skipped", "short_skipped",

@@ -25,9 +25,9 @@ from pathlib import Path
 import audiomentations
 import numpy as np
 
-from pipeline.banks import align_rir
-from shards import storage
-from shards.format import MANIFEST, SAMPLE_RATE, decode_audio, encode_flac, iter_samples, shard_urls
+from voxstream.pipeline.banks import align_rir
+from voxstream.shards import storage
+from voxstream.shards.format import MANIFEST, SAMPLE_RATE, decode_audio, encode_flac, iter_samples, shard_urls
 
 PATH_ARGS = {"sounds_path": "noise", "ir_path": "rir"}  # argument -> default kind of its clips
 

@@ -18,9 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
-from pipeline.sources import resolve_all
-from pipeline.workers import Workers
+from voxstream.pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
+from voxstream.pipeline.sources import resolve_all
+from voxstream.pipeline.workers import Workers
 
 __all__ = ["Batch", "DataConfig", "Loader", "group_ids", "make_loader", "views_to_device"]
 log = logging.getLogger(__name__)

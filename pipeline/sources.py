@@ -18,8 +18,8 @@ from typing import IO, Callable, TypeVar
 import fsspec
 from braceexpand import braceexpand
 
-from shards import format as shard_format
-from shards import storage
+from voxstream.shards import format as shard_format
+from voxstream.shards import storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from pipeline.sources import Corpus, Shard, open_shard, with_retries
+from voxstream.pipeline.sources import Corpus, Shard, open_shard, with_retries
 
 log = logging.getLogger(__name__)
 

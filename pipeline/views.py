@@ -24,8 +24,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from miniaudio import ffi as _ffi, lib as _dr
 
-from shards.format import SAMPLE_RATE
-from pipeline.stream import Sample, group_of
+from voxstream.shards.format import SAMPLE_RATE
+from voxstream.pipeline.stream import Sample, group_of
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64

@@ -1,4 +1,4 @@
-"""Lean worker processes that produce a rank's batches (`python -m pipeline.workers`, no torch).
+"""Lean worker processes that produce a rank's batches (`python -m voxstream.pipeline.workers`, no torch).
 
 Why not torch's DataLoader workers: they are forks of the trainer, so each maps all the trainer's
 memory (importing torch alone makes a process 500 MB resident) and touches, and so copies, much of
@@ -22,11 +22,10 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 
-from pipeline.batches import Plan, by_view, stream_batches
-from pipeline.ring import Layout, Ring
-from pipeline.views import view_frames
+from voxstream.pipeline.batches import Plan, by_view, stream_batches
+from voxstream.pipeline.ring import Layout, Ring
+from voxstream.pipeline.views import view_frames
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -41,14 +40,13 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
         self.tasks: list[Connection] = []
         self.results: list[Connection] = []
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
         try:
             for worker in range(count):
                 task_r, task_w = os.pipe()
                 result_r, result_w = os.pipe()
                 fds = (task_r, result_w, ring.fd)
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.workers", *map(str, fds)],
-                                                   pass_fds=fds, env=env, process_group=0))
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "voxstream.pipeline.workers", *map(str, fds)],
+                                                   pass_fds=fds, process_group=0))
                 os.close(task_r)
                 os.close(result_w)
                 self.tasks.append(Connection(task_w, readable=False))

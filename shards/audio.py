@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from shards.format import SAMPLE_RATE
+from voxstream.shards.format import SAMPLE_RATE
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 SILENCE_DBFS = -60.0  # a peak this low is a dead channel or digital silence, not a recording

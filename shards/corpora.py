@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from shards.audio import AUDIO_EXTENSIONS, read_audio
-from shards.format import sample_key
+from voxstream.shards.audio import AUDIO_EXTENSIONS, read_audio
+from voxstream.shards.format import sample_key
 
 
 class BadInput(ValueError):
@@ -207,7 +207,7 @@ def simulated_rirs(count: int, per_room: int = 10, seed: int = 0, corpus: str = 
     """`count` RIRs from pyroomacoustics rooms (shards.rirsim), `per_room` per room as Kaldi's RoomN
     folders, room classes alternating; every RIR is a function of (seed, room, index) alone, so any
     worker can make any of them."""
-    from shards.rirsim import ROOM_CLASSES
+    from voxstream.shards.rirsim import ROOM_CLASSES
 
     if count < 1 or per_room < 1:
         raise BadInput(f"--count {count} and --per-room {per_room} must be positive")
@@ -220,12 +220,12 @@ def simulated_rirs(count: int, per_room: int = 10, seed: int = 0, corpus: str = 
         items.append(Item(f"simulated/{size}/{room}/{index}", None, session, f"Room{room:04d}-{index:04d}",
                           _group(corpus, session), (("kind", "rir"),)))
     return Listing(corpus, items, reader=functools.partial(simulate_item, seed=seed),
-                   params={"count": count, "per_room": per_room, "simulator": "shards.rirsim"})
+                   params={"count": count, "per_room": per_room, "simulator": "voxstream.shards.rirsim"})
 
 
 def simulate_item(item: Item, seed: int) -> tuple[np.ndarray, int, dict]:
     """The RIR an item of simulated_rirs names: the room's first RIR fixes its dims and absorption."""
-    from shards.rirsim import SAMPLE_RATE, simulate_rir
+    from voxstream.shards.rirsim import SAMPLE_RATE, simulate_rir
 
     _, size, room, index = item.source.split("/")
     rir, meta = _first_rir(seed, size, int(room))
@@ -236,7 +236,7 @@ def simulate_item(item: Item, seed: int) -> tuple[np.ndarray, int, dict]:
 
 @functools.lru_cache(maxsize=16)
 def _first_rir(seed: int, size: str, room: int) -> tuple[np.ndarray, dict]:
-    from shards.rirsim import simulate_rir
+    from voxstream.shards.rirsim import simulate_rir
 
     return simulate_rir(np.random.default_rng([seed, room]), size)
 

@@ -2,7 +2,7 @@
 
 A shard is an uncompressed tar of WebDataset samples, one per utterance, with members
 `<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata). `manifest.json` beside the
-shards describes the complete set and is written last. See DESIGN.md, "Shard format".
+shards describes the complete set and is written last: its presence means the set is complete.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import IO, Iterator
 import numpy as np
 import soundfile as sf
 
-from shards import storage
+from voxstream.shards import storage
 
 FORMAT_VERSION = 1
 SAMPLE_RATE = 16000

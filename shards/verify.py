@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import soundfile as sf
 
-from shards import storage
-from shards.format import META_FIELDS, SAMPLE_RATE, iter_tar, read_manifest, sample_key
+from voxstream.shards import storage
+from voxstream.shards.format import META_FIELDS, SAMPLE_RATE, iter_tar, read_manifest, sample_key
 
 
 @dataclass

@@ -23,10 +23,10 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from shards import storage
-from shards.audio import Rejected, check, cut_points, to_16k
-from shards.corpora import BadInput, Item, Listing, Reader
-from shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
+from voxstream.shards import storage
+from voxstream.shards.audio import Rejected, check, cut_points, to_16k
+from voxstream.shards.corpora import BadInput, Item, Listing, Reader
+from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
     read_manifest, shard_name, write_manifest
 
 PROGRESS = "_progress.json"

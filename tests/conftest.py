@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from shards.locals3 import local_s3
+from voxstream.shards.locals3 import local_s3
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.loader import DataConfig
-from shards import storage
-from shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
+from voxstream.pipeline.loader import DataConfig
+from voxstream.shards import storage
+from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
 
 SR = 16000
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import CATEGORIES, NOISE, REVERB, Augmenter, AugmentConfig, power
-from pipeline.banks import Bank, NOISE_KINDS, write_clip_set
-from pipeline.cpu_augment import augment_crop, build_cpu_augment
+from voxstream.pipeline.augment import CATEGORIES, NOISE, REVERB, Augmenter, AugmentConfig, power
+from voxstream.pipeline.banks import Bank, NOISE_KINDS, write_clip_set
+from voxstream.pipeline.cpu_augment import augment_crop, build_cpu_augment
 
 SR = 16000
 PRE_DELAY = 150  # samples before the RIR's direct path: far more than the 16-sample tolerance
@@ -233,7 +233,7 @@ def test_cuda_matches_cpu(sets):
 
 def test_channel_shapes_the_spectrum_as_drawn():
     """A sample's channel attenuates each frequency by its drawn response (relative to 1 kHz)."""
-    from pipeline.augment import EQ_BUMPS, channel_response
+    from voxstream.pipeline.augment import EQ_BUMPS, channel_response
     aug = Augmenter(AugmentConfig(p_channel=1.0), None, None, seed=3)
     t = torch.arange(2 * SR) / SR
     tones = (1000.0, 250.0, 3000.0, 6500.0)

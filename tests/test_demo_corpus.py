@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from model.baseline import baseline_eers, mfcc_stats, score_trials
-from shards.rirsim import simulate_rir
-from shards.synth.corpus import CorpusConfig, generate
+from voxstream.model.baseline import baseline_eers, mfcc_stats, score_trials
+from voxstream.shards.rirsim import simulate_rir
+from voxstream.shards.synth.corpus import CorpusConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = CorpusConfig(speakers=2, test_speakers=3, sessions=2, utterances=2, noise_clips=2, music_clips=1,

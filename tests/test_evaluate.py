@@ -15,11 +15,11 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 from torch import nn
 
-from model import metrics, scoring
-from model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
-from model.evaluate import EvalConfig, evaluate, read_trials, speaker_similarity
-from shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
-from shards import storage
+from voxstream.model import metrics, scoring
+from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
+from voxstream.model.evaluate import EvalConfig, evaluate, read_trials, speaker_similarity
+from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
+from voxstream.shards import storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as evaluate_tool  # noqa: E402
@@ -353,9 +353,9 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
     """The real path: a checkpoint (small ECAPA, SimCLR) through tools/evaluate.py, then --untrained."""
     from dataclasses import asdict
 
-    from model.checkpoint import CHECKPOINT_FORMAT
-    from model.encoders import EncoderConfig
-    from model.methods import build_method, method_config
+    from voxstream.model.checkpoint import CHECKPOINT_FORMAT
+    from voxstream.model.encoders import EncoderConfig
+    from voxstream.model.methods import build_method, method_config
 
     root, waves, ids, _ = corpus
     trials = _write_trials(tmp_path / "small.txt", ids[::2])   # 8 utterances, 4 speakers: keeps ECAPA quick
@@ -383,7 +383,7 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
 
 
 def test_untrained_encoder_from_a_recipe_is_reproducible(tmp_path):
-    from model.evaluate import load_embedder
+    from voxstream.model.evaluate import load_embedder
 
     config = tmp_path / "recipe.yaml"
     config.write_text("model: {name: ecapa, channels: 16, embed_dim: 8, n_mels: 40}\nmethod: {name: simclr}\n")

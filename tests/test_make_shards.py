@@ -13,9 +13,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from shards import format as fmt
-from shards import storage, writer
-from shards.verify import verify
+from voxstream.shards import format as fmt
+from voxstream.shards import storage, writer
+from voxstream.shards.verify import verify
 
 _spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).parents[1] / "tools" / "make_shards.py")
 make_shards = importlib.util.module_from_spec(_spec)

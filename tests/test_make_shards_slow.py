@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shards import writer
+from voxstream.shards import writer
 from test_make_shards import LIBRI, corpus, files_of, run
 
 TOOL = Path(__file__).parents[1] / "tools" / "make_shards.py"

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.encoders import EncoderConfig
-from model.methods import build_method, method_config
-from model.methods.simclr import nt_xent
+from voxstream.model.encoders import EncoderConfig
+from voxstream.model.methods import build_method, method_config
+from voxstream.model.methods.simclr import nt_xent
 
 SR = 16000
 GROUPS = torch.tensor([0, 1, 1, 2, 3, 0, 4, 5])  # repeats within a rank and across the two

@@ -12,12 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from model.encoders import EncoderConfig
-from model.methods import build_method, method_config
-from model.methods.parts import encode_views
-from model.methods.barlow import barlow_terms, cross_correlation
-from model.methods.swav import sinkhorn
-from model.methods.vicreg import vicreg_terms
+from voxstream.model.encoders import EncoderConfig
+from voxstream.model.methods import build_method, method_config
+from voxstream.model.methods.parts import encode_views
+from voxstream.model.methods.barlow import barlow_terms, cross_correlation
+from voxstream.model.methods.swav import sinkhorn
+from voxstream.model.methods.vicreg import vicreg_terms
 
 SR = 16000
 SMALL_ENCODER = EncoderConfig(name="ecapa", channels=32, embed_dim=32, n_mels=40)
@@ -152,7 +152,7 @@ def _rank_worker(rank: int, world: int, init: str, out: str) -> None:
     za = za.chunk(world)[rank].clone().requires_grad_(True)
     zb = zb.chunk(world)[rank].clone().requires_grad_(True)
     scores = torch.randn(16, 6).chunk(world)[rank]
-    from model.distributed import gather_with_grad
+    from voxstream.model.distributed import gather_with_grad
     c = cross_correlation(za, zb)
     barlow = sum(barlow_terms(c).values())
     vicreg = sum(vicreg_terms(gather_with_grad(za), gather_with_grad(zb)).values())

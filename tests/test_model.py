@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from model.encoders import EncoderConfig, build_encoder
-from model.features import Fbank
+from voxstream.model.encoders import EncoderConfig, build_encoder
+from voxstream.model.features import Fbank
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -17,11 +17,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.loader import Batch, group_ids, make_loader, views_to_device
-from pipeline.stream import CorruptShard
+from voxstream.pipeline.loader import Batch, group_ids, make_loader, views_to_device
+from voxstream.pipeline.stream import CorruptShard
 from ramps import SR, config, make_set, ramp
-from shards import storage
-from shards.format import decode_audio, encode_flac, shard_name
+from voxstream.shards import storage
+from voxstream.shards.format import decode_audio, encode_flac, shard_name
 
 
 def crop_slope(crop: np.ndarray) -> int:
@@ -120,8 +120,8 @@ def test_views_are_fixed_shape_int16_crops_of_their_utterance(shard_set, workers
 
 
 def test_seek_reader_matches_decode_audio(shard_set):
-    from pipeline.views import read_spans
-    from shards.format import iter_samples
+    from voxstream.pipeline.views import read_spans
+    from voxstream.shards.format import iter_samples
 
     url, _ = shard_set
     key, meta, flac = next(iter_samples(storage.join(url, shard_name("syn", 0))))
@@ -132,7 +132,7 @@ def test_seek_reader_matches_decode_audio(shard_set):
 
 
 def test_seek_reader_rejects_what_it_cannot_crop_safely():
-    from pipeline.views import CorruptSample, read_spans
+    from voxstream.pipeline.views import CorruptSample, read_spans
 
     flac = encode_flac(ramp(3, 0, SR))
     with pytest.raises(CorruptSample, match="u1: 8000 samples at 8000, expected 9000"):
@@ -256,7 +256,7 @@ def test_bad_config_is_one_clear_error(tmp_path):
 
 
 def test_transient_errors_are_retried_and_missing_objects_are_not():
-    from pipeline.sources import with_retries
+    from voxstream.pipeline.sources import with_retries
 
     calls = []
 

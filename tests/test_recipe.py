@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
-from model.schedules import cosine, warmup_cosine
+from voxstream.model.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from voxstream.model.schedules import cosine, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -32,7 +32,7 @@ def test_yaml_and_overrides_reach_the_dataclasses(recipe_file):
     assert r.data.train == "s3://other/{000000..000009}.tar"
     assert r.train.bf16 is False and r.train.epochs == 3
     assert r.method.temperature == 1.0 and isinstance(r.method.temperature, float)
-    assert type(r.method).__module__ == "model.methods.simclr"
+    assert type(r.method).__module__ == "voxstream.model.methods.simclr"
 
 
 def test_recipe_round_trips_through_a_dict(recipe_file):

@@ -4,8 +4,8 @@ import io
 import numpy as np
 import pytest
 
-from shards import format as fmt
-from shards import storage
+from voxstream.shards import format as fmt
+from voxstream.shards import storage
 
 
 def _samples(n=3):

@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
-from model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
-from model.recipe import load_recipe
-from model.train import TrainingError, train
-from pipeline.banks import write_clip_set
-from shards import storage
-from shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
+from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
+from voxstream.model.recipe import load_recipe
+from voxstream.model.train import TrainingError, train
+from voxstream.pipeline.banks import write_clip_set
+from voxstream.shards import storage
+from voxstream.shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS_PER_EPOCH, EPOCHS = 8, 3
@@ -95,7 +95,7 @@ def tiny_recipe(folder: Path, data: str, noise: str = "", rir: str = "") -> Path
 def torchrun(recipe: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tools" / "train.py"), "--config", str(recipe), *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import make_loader
-from pipeline.stream import CorruptShard
-from pipeline.workers import Workers
+from voxstream.pipeline.loader import make_loader
+from voxstream.pipeline.stream import CorruptShard
+from voxstream.pipeline.workers import Workers
 from ramps import config, make_set
-from shards.format import shard_name
+from voxstream.shards.format import shard_name
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_an_error_in_a_worker_is_raised_in_the_trainer(tmp_path):
 
 def test_workers_do_not_import_torch():
     """Lean workers: what they import decides their memory (torch alone is ~500 MB resident)."""
-    code = "import sys, pipeline.workers; print('torch' in sys.modules)"
+    code = "import sys, voxstream.pipeline.workers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.augment import Augmenter, AugmentConfig
-from pipeline.banks import write_clip_set
-from pipeline.cpu_augment import augment_crop, build_cpu_augment
-from shards.format import SAMPLE_RATE as SR
+from voxstream.pipeline.augment import Augmenter, AugmentConfig
+from voxstream.pipeline.banks import write_clip_set
+from voxstream.pipeline.cpu_augment import augment_crop, build_cpu_augment
+from voxstream.shards.format import SAMPLE_RATE as SR
 
 NOISE_AND_REVERB = dict(p_none=0.0, p_reverb=0.0, p_noise=0.0, p_both=1.0)
 

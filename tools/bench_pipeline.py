@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline.batches import peak_rss_mb, smaps_mb
-from pipeline.loader import DataConfig, make_loader
-from pipeline.sources import open_shard
-from pipeline.views import read_spans
-from shards import corpora, storage
-from shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
+from voxstream.pipeline.batches import peak_rss_mb, smaps_mb
+from voxstream.pipeline.loader import DataConfig, make_loader
+from voxstream.pipeline.sources import open_shard
+from voxstream.pipeline.views import read_spans
+from voxstream.shards import corpora, storage
+from voxstream.shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
-from shards.locals3 import local_s3
-from shards.writer import WriteConfig, write_shards
+from voxstream.shards.locals3 import local_s3
+from voxstream.shards.writer import WriteConfig, write_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

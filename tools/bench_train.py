@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from model.encoders import Encoder, EncoderConfig
-from model.methods import METHODS, build_method, method_config
+from voxstream.model.encoders import Encoder, EncoderConfig
+from voxstream.model.methods import METHODS, build_method, method_config
 
 ENCODERS = {"ecapa512": EncoderConfig("ecapa", 512, 192), "ecapa1024": EncoderConfig("ecapa", 1024, 192),
             "resnet34": EncoderConfig("resnet34", 128, 256), "ecapa128": EncoderConfig("ecapa", 128, 128)}

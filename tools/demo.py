@@ -21,7 +21,6 @@ from pathlib import Path
 CORPUS = ["--speakers", "200", "--utterances", "3", "--test-speakers", "20"]
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
-sys.path.insert(0, str(ROOT))
 
 
 def step(title: str, cmd: list[str], env: dict) -> None:
@@ -51,11 +50,11 @@ def main() -> int:
 @contextlib.contextmanager
 def store(kind: str, out: Path):
     """(shard base URL, environment for the tools): a local folder, or a SeaweedFS S3 server."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     if kind == "local":
         yield str(out / "store"), env
         return
-    from shards.locals3 import local_s3
+    from voxstream.shards.locals3 import local_s3
     with local_s3(bucket="demo", data_dir=str(out / "s3")) as s3:
         yield f"s3://{s3.bucket}", {**env, **s3.env}
 
@@ -90,8 +89,8 @@ def run(out: Path, base: str, env: dict, args) -> None:
 
 
 def table(out: Path, trials: str, audio_root: Path) -> None:
-    from model.baseline import score_trials
-    from model.metrics import eer, min_dcf
+    from voxstream.model.baseline import score_trials
+    from voxstream.model.metrics import eer, min_dcf
 
     scores, labels, _ = score_trials(trials, audio_root)
     rows = {"MFCC statistics baseline": {"eer": eer(scores, labels), "min_dcf_0.01": min_dcf(scores, labels, 0.01)}}

@@ -14,12 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from model.embeddings import EmbedOptions  # noqa: E402
-from model.evaluate import EvalConfig, check_source, evaluate, load_embedder, read_trial_lists  # noqa: E402
+from voxstream.model.embeddings import EmbedOptions
+from voxstream.model.evaluate import EvalConfig, check_source, evaluate, load_embedder, read_trial_lists
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

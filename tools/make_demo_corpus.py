@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from shards.synth.corpus import CorpusConfig, generate
+from voxstream.shards.synth.corpus import CorpusConfig, generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards import corpora  # noqa: E402
-from shards.verify import verify  # noqa: E402
-from shards.writer import WriteConfig, write_shards  # noqa: E402
+from voxstream.shards import corpora
+from voxstream.shards.verify import verify
+from voxstream.shards.writer import WriteConfig, write_shards
 
 
 def _size(text: str) -> int:

@@ -11,10 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.recipe import RecipeError, load_recipe  # noqa: E402
-from model.train import TrainingError, train  # noqa: E402
+from voxstream.model.recipe import RecipeError, load_recipe
+from voxstream.model.train import TrainingError, train
 
 
 def main(argv: list[str] | None = None) -> int:

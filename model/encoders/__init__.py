@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.features import Fbank
-from model.encoders.ecapa import ECAPATDNN
-from model.encoders.resnet import ThinResNet34
+from voxstream.model.features import Fbank
+from voxstream.model.encoders.ecapa import ECAPATDNN
+from voxstream.model.encoders.resnet import ThinResNet34
 
 NETWORKS = {"ecapa": ECAPATDNN, "resnet34": ThinResNet34}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.encoders.pooling import AttentiveStatsPool
+from voxstream.model.encoders.pooling import AttentiveStatsPool
 
 
 def conv_relu_bn(c_in: int, c_out: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:

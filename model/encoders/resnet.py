@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.encoders.pooling import AttentiveStatsPool
+from voxstream.model.encoders.pooling import AttentiveStatsPool
 
 
 class SEBasicBlock(nn.Module):

@@ -1,14 +1,14 @@
 """The SSL methods by recipe name, and how a recipe's `method:` section becomes one."""
 from __future__ import annotations
 
-from model.encoders import EncoderConfig, build_encoder
-from model.methods.barlow import BarlowTwins
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.dino import DINO
-from model.methods.moco import MoCo
-from model.methods.simclr import SimCLR
-from model.methods.swav import SwAV
-from model.methods.vicreg import VICReg
+from voxstream.model.encoders import EncoderConfig, build_encoder
+from voxstream.model.methods.barlow import BarlowTwins
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.dino import DINO
+from voxstream.model.methods.moco import MoCo
+from voxstream.model.methods.simclr import SimCLR
+from voxstream.model.methods.swav import SwAV
+from voxstream.model.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR, "moco": MoCo, "dino": DINO, "vicreg": VICReg, "barlow": BarlowTwins, "swav": SwAV}
@@ -20,7 +20,7 @@ def method_config(d: dict) -> MethodConfig:
     name = d.get("name")
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not a method; choose one of {sorted(METHODS)}")
-    from model.recipe import build_section  # the one key/type check of every recipe section (recipe imports us)
+    from voxstream.model.recipe import build_section  # the one key/type check of every recipe section (recipe imports us)
     return build_section(METHODS[name].Config, d, "method")
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model.distributed import all_reduce_sum
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import encode_views, mlp
-from model.monitors import effective_rank, embedding_std
+from voxstream.model.distributed import all_reduce_sum
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import encode_views, mlp
+from voxstream.model.monitors import effective_rank, embedding_std
 
 
 @dataclass

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import distributed, monitors
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import ema_update, encode_views, frozen_copy, mlp
-from model.schedules import cosine
+from voxstream.model import distributed, monitors
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import ema_update, encode_views, frozen_copy, mlp
+from voxstream.model.schedules import cosine
 
 
 @dataclass

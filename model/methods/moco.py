@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import distributed, monitors
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import ema_update, encode_views, frozen_copy, mlp
+from voxstream.model import distributed, monitors
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import ema_update, encode_views, frozen_copy, mlp
 
 
 @dataclass

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import distributed, monitors
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import encode_views, mlp
+from voxstream.model import distributed, monitors
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import encode_views, mlp
 
 
 @dataclass

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.distributed import all_reduce_sum, gather, rank, world_size
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import encode_views, mlp
-from model.monitors import effective_rank, embedding_std
+from voxstream.model.distributed import all_reduce_sum, gather, rank, world_size
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import encode_views, mlp
+from voxstream.model.monitors import effective_rank, embedding_std
 
 # One epoch of VoxCeleb2 dev (1,092,009 utterances) at batch 256, to turn sslsv's epochs into steps.
 _VOX2_STEPS_PER_EPOCH = 4266

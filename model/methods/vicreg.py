@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.distributed import gather_with_grad
-from model.methods.base import MethodConfig, SSLMethod
-from model.methods.parts import encode_views, mlp
-from model.monitors import effective_rank, embedding_std
+from voxstream.model.distributed import gather_with_grad
+from voxstream.model.methods.base import MethodConfig, SSLMethod
+from voxstream.model.methods.parts import encode_views, mlp
+from voxstream.model.monitors import effective_rank, embedding_std
 
 
 @dataclass

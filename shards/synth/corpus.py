@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from shards.rirsim import simulate_rir
-from shards.synth import noises
-from shards.synth.channel import apply_channel, random_channel
-from shards.synth.voice import FS, random_voice, speak
+from voxstream.shards.rirsim import simulate_rir
+from voxstream.shards.synth import noises
+from voxstream.shards.synth.channel import apply_channel, random_channel
+from voxstream.shards.synth.voice import FS, random_voice, speak
 
 ROOM_CLASSES = ("smallroom", "mediumroom")
 _CODES = {"speaker": 1, "noise": 2, "music": 3, "speech": 4, "room": 5, "trials": 6}
