@@ -51,6 +51,9 @@ class MoCo(SSLMethod):
         if groups is None:  # each item its own group: nothing queued shares it
             groups = torch.full((len(q1),), -1, dtype=torch.long, device=q1.device)
         own = (self.queue_groups[None, :] == groups[:, None]) & (groups[:, None] >= 0)
+        # Autograd keeps the queue for the gradient of q @ queue.T, and _enqueue below overwrites
+        # it in place before backward: on the buffer itself backward would raise (a saved tensor
+        # was modified). The copy keeps the keys this loss was computed against.
         queue = self.queue.clone()
         loss = (self._infonce(q1, k2, queue, own) + self._infonce(q2, k1, queue, own)) / 2
         everyone = distributed.gather(groups)
