@@ -42,8 +42,7 @@ class MoCo(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(views) != 2:
-            raise ValueError(f"moco needs 2 views (data.views), got {len(views)}")
+        self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
         q1, q2 = F.normalize(self.projector(y1).float(), dim=1), F.normalize(self.projector(y2).float(), dim=1)
         with torch.no_grad():

@@ -60,8 +60,7 @@ class SimCLR(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(views) != 2:
-            raise ValueError(f"simclr needs 2 views (data.views), got {len(views)}")
+        self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
         loss, accuracy = nt_xent(self.projector(y1), self.projector(y2), self.cfg.temperature, groups)
         y = y1.detach()
