@@ -62,7 +62,7 @@ def no_host_reads(monkeypatch):
 @pytest.mark.parametrize("name", METHODS)
 def test_a_training_step_reads_no_tensor_on_the_host(name, monkeypatch):
     # SwAV: a queue that is full after two steps, so the freeze, the enqueue and the queued
-    # Sinkhorn all run; DINO: the prototype freeze ends after the first step.
+    # Sinkhorn all run; DINO: the prototypes are frozen for two steps, then learn.
     method = make(name, **{"swav": {"queue_size": 16, "queue_start_fraction": 0.0},
                            "dino": {"freeze_last_layer_fraction": 0.2}}.get(name, {}))
     views = [batch(name, seed=s) for s in range(3)]
@@ -77,8 +77,8 @@ def test_a_training_step_reads_no_tensor_on_the_host(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["dino", "swav"])
 def test_a_resumed_method_makes_the_same_schedule_decisions(name):
-    # Two steps of six take DINO past its prototype freeze (1/10) and SwAV past its own (1/6); the
-    # third fills SwAV's queue (8 rows from 1/3 on), so the fourth uses it.
+    # Three steps of six take DINO (1/10) and SwAV (1/6) past their prototype freeze, and the third
+    # fills SwAV's queue (8 rows, from 1/3 on), so the next step uses it.
     overrides = {"dino": {"freeze_last_layer_fraction": 0.1}, "swav": {"queue_size": 8}}[name]
     method = make(name, **overrides)
     for step in range(3):

@@ -1,4 +1,4 @@
-"""VICReg, Barlow Twins and SwAV: learning, gradients, the SwAV queue and Sinkhorn, the loss terms
+"""VICReg, Barlow Twins and SwAV: learning, gradients, the SwAV queue, schedules and Sinkhorn, the loss terms
 against their formulas, and the cross-rank statistics under a real 2-process gloo group."""
 from __future__ import annotations
 
