@@ -15,6 +15,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 from torch import nn
 
+from voices import SR, utterances, voices
 from voxstream.model import metrics, scoring
 from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
 from voxstream.model.evaluate import EvalConfig, evaluate, read_trials, speaker_similarity
@@ -23,8 +24,6 @@ from voxstream.shards import storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as evaluate_tool  # noqa: E402
-
-SR = 16000
 
 
 class SpectralEmbedder(nn.Module):
@@ -156,17 +155,13 @@ def test_trial_ids_map_to_shard_keys():
 # ---------------------------------------------------------------- end to end on synthetic speakers
 
 def _corpus(root: Path, speakers: int = 4, sessions: int = 2, utts: int = 2) -> dict[str, np.ndarray]:
-    """Speakers as distinct harmonic voices with noise; random lengths; written as 16-bit WAV."""
-    rng = np.random.default_rng(0)
-    waves = {}
-    for s in range(speakers):
-        f0 = 110 + 6 * s
+    """Synthetic voices (tests/voices.py), 1 to 2 s an utterance, written as 16-bit WAV."""
+    g, waves = torch.Generator().manual_seed(0), {}
+    for s, voice in enumerate(voices(speakers, seed=0)):
         for sess in range(sessions):
             for u in range(utts):
-                n = int(rng.uniform(1.0, 2.0) * SR)
-                t = np.arange(n) / SR
-                voice = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6)) / h for h in range(1, 6))
-                wave = 0.2 * voice / 3 + 0.1 * rng.normal(size=n)
+                seconds = 1 + torch.rand((), generator=g).item()
+                wave = 0.5 * utterances(voice[None], seconds, g)[0].numpy()  # peak about 0.5: no clipping
                 ident = f"id{s:05d}/sess{sess}/{u:05d}.wav"
                 path = root / ident
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,66 +1,107 @@
-"""SimCLR, MoCo and DINO: learning, gradient routing, queue/center updates, and the cross-rank
-collectives under a real 2-process gloo group."""
+"""The contract every method keeps (views, evaluation network, no host reads in a step, resumable
+schedules); SimCLR, MoCo and DINO: learning, gradient routing, queue/center updates, and the
+cross-rank collectives under a real 2-process gloo group."""
 from __future__ import annotations
 
-import math
-import os
-import socket
+import contextlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from voxstream.model.encoders import EncoderConfig
-from voxstream.model.methods import build_method, method_config
+from ranks import run_ranks
+from small_methods import METHODS, make, views_for
+from voices import voices
+from voxstream.model.methods import method_config
 from voxstream.model.methods.simclr import nt_xent
 
-SR = 16000
 GROUPS = torch.tensor([0, 1, 1, 2, 3, 0, 4, 5])  # repeats within a rank and across the two
-TINY = EncoderConfig("ecapa", channels=32, embed_dim=32)
-SMALL = {  # published recipes shrunk to test size
-    "simclr": {"name": "simclr", "projector_hidden_dim": 64, "projector_output_dim": 32},
-    "moco": {"name": "moco", "queue_size": 96, "momentum": 0.9, "projector_hidden_dim": 64, "projector_output_dim": 32},
-    "dino": {"name": "dino", "out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32},
-}
-
-
-def speakers(n: int, seed: int) -> torch.Tensor:
-    """Per speaker: a pitch and a harmonic envelope (the "voice"), fixed by the seed."""
-    g = torch.Generator().manual_seed(seed)
-    f0 = 90 + 200 * torch.rand(n, 1, generator=g)
-    envelope = torch.rand(n, 12, generator=g) ** 2
-    return torch.cat([f0, envelope], dim=1)
-
-
-def utterances(voices: torch.Tensor, seconds: float, g: torch.Generator) -> torch.Tensor:
-    """One crop per voice: its harmonics with random phases, switched on and off in 80 ms
-    "syllables" (the front-end's mean normalisation would erase a stationary tone), with random
-    gain and background noise, so two crops of one voice agree only in the voice."""
-    n, t = len(voices), torch.arange(int(seconds * SR)) / SR
-    f0, env = voices[:, :1], voices[:, 1:]
-    h = torch.arange(1, env.shape[1] + 1)
-    phase = 2 * math.pi * torch.rand(n, len(h), 1, generator=g)
-    wave = (env.unsqueeze(-1) * torch.sin(2 * math.pi * (f0 * h).unsqueeze(-1) * t + phase)).sum(1)
-    syllables = (torch.rand(n, len(t) // 1280 + 1, generator=g) < 0.6).float()
-    wave = wave / wave.abs().amax(dim=1, keepdim=True) * syllables.repeat_interleave(1280, dim=1)[:, :len(t)]
-    gain = 0.2 + 0.8 * torch.rand(n, 1, generator=g)
-    return gain * (wave + 0.03 * torch.randn(wave.shape, generator=g))
-
-
-def views_for(name: str, voices: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-    durations = [0.5, 0.5] + ([0.25, 0.25] if name == "dino" else [])
-    return [utterances(voices, d, g) for d in durations]
-
-
-def make(name: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return build_method(TINY, method_config({**SMALL[name], **overrides}))
 
 
 def batch(name: str, size: int = 8, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return views_for(name, speakers(size, seed), g)
+    return views_for(name, voices(size, seed), g)
+
+
+# --- what every method does the same way -------------------------------------------------------
+
+VIEW_COUNTS = {"simclr": (2, 2), "moco": (2, 2), "vicreg": (2, 2), "barlow": (2, 2),
+               "dino": (3, None), "swav": (2, None)}  # (fewest, most); None: any number of local crops
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_wrong_number_of_views_is_one_error_naming_the_method(name):
+    method = make(name)
+    fewest, most = VIEW_COUNTS[name]
+    assert method.view_counts() == (fewest, most)
+    need = f"{fewest}" if fewest == most else f"at least {fewest}"
+    for n in [fewest - 1] + ([most + 1] if most else []):  # too few; too many (never silently dropped)
+        with pytest.raises(ValueError, match=rf"^{name} takes {need} views \(data\.views\), got {n}$"):
+            method([torch.zeros(4, 8000)] * n)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_evaluation_uses_the_teacher_for_dino_and_the_encoder_otherwise(name):
+    method = make(name)
+    assert method.embedder() is (method.teacher_encoder if name == "dino" else method.encoder)
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Python reads of a tensor's value raise: on a GPU each one waits for the device."""
+    def refuse(what):
+        def read(*args, **kwargs):
+            raise AssertionError(f"Tensor.{what} in a training step (a host-device sync on a GPU)")
+        return read
+    with monkeypatch.context() as m:
+        for what in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+            m.setattr(torch.Tensor, what, refuse(what))
+        yield
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_training_step_reads_no_tensor_on_the_host(name, monkeypatch):
+    # SwAV: a queue that is full after two steps, so the freeze, the enqueue and the queued
+    # Sinkhorn all run; DINO: the prototypes are frozen for two steps, then learn.
+    method = make(name, **{"swav": {"queue_size": 16, "queue_start_fraction": 0.0},
+                           "dino": {"freeze_last_layer_fraction": 0.2}}.get(name, {}))
+    views = [batch(name, seed=s) for s in range(3)]
+    with no_host_reads(monkeypatch):
+        for step, v in enumerate(views):
+            loss, stats = method(v)
+            loss.backward()
+            method.after_step(step, len(views))
+    if name == "swav":
+        assert stats["queue_used"].item() == 1
+
+
+@pytest.mark.parametrize("name", ["dino", "swav"])
+def test_a_resumed_method_makes_the_same_schedule_decisions(name):
+    # Three steps of six take DINO (1/10) and SwAV (1/6) past their prototype freeze, and the third
+    # fills SwAV's queue (8 rows, from 1/3 on), so the next step uses it.
+    overrides = {"dino": {"freeze_last_layer_fraction": 0.1}, "swav": {"queue_size": 8}}[name]
+    method = make(name, **overrides)
+    for step in range(3):
+        method(batch(name, seed=step))[0].backward()
+        method.after_step(step, 6)
+    resumed = make(name, seed=1, **overrides)
+    resumed.load_state_dict(method.state_dict())
+    assert type(resumed.host_progress) is float and resumed.host_progress == method.host_progress
+    if name == "swav":
+        assert type(resumed.host_queue_filled) is int and resumed.host_queue_filled == method.host_queue_filled == 8
+    results = []
+    for m in (method, resumed):
+        m.zero_grad()
+        loss, stats = m(batch(name, seed=3))
+        loss.backward()
+        results.append((loss, stats, [p.grad for p in m.parameters() if p.requires_grad]))
+    (loss, stats, grads), (loss2, stats2, grads2) = results
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(stats2, stats)
+    torch.testing.assert_close(grads2, grads)
+    prototypes = method.head.last_layer.weight if name == "dino" else method.prototypes
+    assert prototypes.grad.abs().sum() > 0  # past the freeze
+    assert name == "dino" or stats["queue_used"].item() == 1
 
 
 @pytest.mark.parametrize("name", ["simclr", "moco", "dino"])
@@ -69,10 +110,10 @@ def test_loss_falls_on_a_learnable_problem(name):
     # temperature warm-up, so 25 steps show the learning that long schedules spread out.
     method = make(name, **({"teacher_momentum": 0.9, "teacher_temp": 0.04} if name == "dino" else {}))
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    voices, g, losses = speakers(64, seed=1), torch.Generator().manual_seed(2), []
+    speakers, g, losses = voices(64, seed=1), torch.Generator().manual_seed(2), []
     steps = 25
     for step in range(steps):
-        loss, stats = method(views_for(name, voices[torch.randperm(64, generator=g)[:16]], g))
+        loss, stats = method(views_for(name, speakers[torch.randperm(64, generator=g)[:16]], g))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -157,7 +198,6 @@ def test_dino_schedules_and_evaluation_network():
     method.after_step(100, 100)  # momentum 1 at the end: the teacher no longer moves
     assert all(torch.equal(a, b) for a, b in zip(teacher, method.teacher_encoder.parameters()))
     assert method.embedder() is method.teacher_encoder
-    assert make("simclr").embedder() is not None
 
 
 def test_dino_prototypes_are_frozen_at_first():
@@ -189,40 +229,27 @@ def test_state_dict_carries_queue_and_center():
 
 # --- two real processes (gloo): what crosses ranks ---------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int) -> dict:
+    result = {}
+    for name in ("simclr", "moco"):
+        method = make(name).eval()  # BatchNorm on running stats: per-sample, rank-independent
+        views = [v.chunk(world)[rank] for v in batch(name, size=8)]
+        loss, _ = method(views, GROUPS.chunk(world)[rank])
+        loss.backward()
+        grads = [p.grad.clone() for p in method.parameters() if p.grad is not None]
+        for g in grads:  # what DDP does
+            dist.all_reduce(g)
+            g /= world
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        result[name] = {"loss": mean_loss / world, "grads": grads, "queue": method.queue.clone()
+                        if name == "moco" else None, "ptr": int(getattr(method, "queue_ptr", 0)),
+                        "queue_groups": getattr(method, "queue_groups", None)}
+    return result
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        result = {}
-        for name in ("simclr", "moco"):
-            method = make(name).eval()  # BatchNorm on running stats: per-sample, rank-independent
-            views = [v.chunk(world)[rank] for v in batch(name, size=8)]
-            loss, _ = method(views, GROUPS.chunk(world)[rank])
-            loss.backward()
-            grads = [p.grad.clone() for p in method.parameters() if p.grad is not None]
-            for g in grads:  # what DDP does
-                dist.all_reduce(g)
-                g /= world
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            result[name] = {"loss": mean_loss / world, "grads": grads, "queue": method.queue.clone()
-                            if name == "moco" else None, "ptr": int(getattr(method, "queue_ptr", 0)),
-                            "queue_groups": getattr(method, "queue_groups", None)}
-        torch.save(result, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_ranks_match_one_process_over_the_whole_batch(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_two_ranks_match_one_process_over_the_whole_batch():
+    ranks = run_ranks(_rank_main)
     for name in ("simclr", "moco"):
         method = make(name).eval()
         loss, _ = method(batch(name, size=8), GROUPS)

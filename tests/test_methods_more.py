@@ -1,67 +1,31 @@
-"""VICReg, Barlow Twins and SwAV: learning, gradients, the SwAV queue and Sinkhorn, the loss terms
+"""VICReg, Barlow Twins and SwAV: learning, gradients, the SwAV queue, schedules and Sinkhorn, the loss terms
 against their formulas, and the cross-rank statistics under a real 2-process gloo group."""
 from __future__ import annotations
-
-import math
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from voxstream.model.encoders import EncoderConfig
-from voxstream.model.methods import build_method, method_config
-from voxstream.model.methods.parts import encode_views
+from ranks import run_ranks
+from small_methods import make, views_for
+from voices import utterances, voices
+from voxstream.model.distributed import gather_with_grad
 from voxstream.model.methods.barlow import barlow_terms, cross_correlation
+from voxstream.model.methods.parts import encode_views
 from voxstream.model.methods.swav import sinkhorn
 from voxstream.model.methods.vicreg import vicreg_terms
-
-SR = 16000
-SMALL_ENCODER = EncoderConfig(name="ecapa", channels=32, embed_dim=32, n_mels=40)
-SMALL_METHODS = {
-    "vicreg": {"projector_hidden_dim": 64, "projector_output_dim": 64},
-    "barlow": {"projector_hidden_dim": 64, "projector_output_dim": 64},
-    "swav": {"projector_hidden_dim": 64, "projector_output_dim": 32, "prototypes": 16,
-             "queue_size": 32, "queue_start_steps": 2, "freeze_prototypes_steps": 1},
-}
-
-
-def small_method(name: str, **overrides):
-    torch.manual_seed(0)
-    return build_method(SMALL_ENCODER, method_config({"name": name, **SMALL_METHODS[name], **overrides}))
-
-
-def speaker_views(gen: torch.Generator, batch: int, n_views: int = 2, seconds: float = 0.4,
-                  speakers: int | None = None) -> list[torch.Tensor]:
-    """Views of `batch` synthetic speakers: each has its own pitch and harmonic envelope; a view
-    redraws the phases and the noise, so what two views share is the speaker's voice. With
-    `speakers`, the voices come from a fixed seed (the same speakers at every call)."""
-    voices = torch.Generator().manual_seed(speakers) if speakers is not None else gen
-    t = torch.arange(int(seconds * SR)) / SR
-    f0 = 100 + 200 * torch.rand(batch, 1, generator=voices)
-    envelope = torch.rand(batch, 12, generator=voices) ** 2
-    harmonics = torch.arange(1, 13)
-    views = []
-    for _ in range(n_views):
-        phase = 2 * math.pi * torch.rand(batch, 12, 1, generator=gen)
-        tones = torch.sin(2 * math.pi * f0[:, :, None] * harmonics[None, :, None] * t + phase)
-        wave = (envelope[:, :, None] * tones).sum(1) + 0.05 * torch.randn(batch, len(t), generator=gen)
-        views.append(0.3 * wave / wave.abs().amax(dim=1, keepdim=True))
-    return views
 
 
 @pytest.mark.parametrize("name", ["vicreg", "barlow", "swav"])
 def test_loss_falls_and_gradients_reach_the_encoder(name):
-    method = small_method(name)
+    method = make(name)
     method.train()
     opt = torch.optim.Adam(method.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(1)
+    gen, speakers = torch.Generator().manual_seed(1), voices(16, seed=0)
     losses = []
     for step in range(12):  # 16 fixed speakers, fresh phases and noise at every step
-        loss, stats = method(speaker_views(gen, 16, n_views=3 if name == "swav" else 2, speakers=0))
+        loss, stats = method(views_for(name, speakers, gen, seconds=0.4))
         opt.zero_grad()
         loss.backward()
         if step == 0:
@@ -121,12 +85,12 @@ def test_sinkhorn_equipartitions_the_batch():
 
 
 def test_swav_queue_fills_then_enters_sinkhorn_and_prototypes_thaw():
-    method = small_method("swav")  # queue of 32 rows filled from step 2, prototypes frozen at step 0
+    method = make("swav")  # 6 steps: queue of 32 rows filled from step 2 (1/3), prototypes frozen at step 0 (1/6)
     method.train()
-    gen = torch.Generator().manual_seed(0)
+    gen, speakers = torch.Generator().manual_seed(0), voices(16, seed=0)
     used, prototype_grads = [], []
     for step in range(6):
-        views = speaker_views(gen, 16)
+        views = [utterances(speakers, 0.4, gen) for _ in range(2)]
         loss, stats = method(views)
         method.prototypes.grad = None
         loss.backward()
@@ -141,31 +105,43 @@ def test_swav_queue_fills_then_enters_sinkhorn_and_prototypes_thaw():
     assert method.queue_filled.item() == 32 and method.queue.norm(dim=2).sub(1).abs().max() < 1e-4
     assert used == [0, 0, 0, 0, 1, 1]  # 16 rows enqueued at steps 2 and 3: full from step 4 on
     assert prototype_grads[0] == 0 and all(g > 0 for g in prototype_grads[1:])
-    assert {"queue", "queue_filled", "steps"} <= method.state_dict().keys()
+    assert {"queue", "queue_filled", "progress"} <= method.state_dict().keys()
 
 
-def _rank_worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)  # two processes on a shared CPU
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+@pytest.mark.parametrize("total", [6, 12])
+def test_swav_schedules_switch_at_fractions_of_training(total):
+    method = make("swav")  # prototypes frozen for the first 1/6 of training, queue filled from 1/3 on
+    gen, speakers = torch.Generator().manual_seed(0), voices(8, seed=0)
+    frozen, enqueued = [], []
+    for step in range(total // 3 + 1):
+        filled = int(method.queue_filled)
+        loss, _ = method([utterances(speakers, 0.4, gen) for _ in range(2)])
+        method.prototypes.grad = None
+        loss.backward()
+        frozen.append(method.prototypes.grad.abs().sum().item() == 0)
+        enqueued.append(int(method.queue_filled) > filled)
+        method.after_step(step, total)
+    assert frozen == [True] * (total // 6) + [False] * (total // 3 + 1 - total // 6)
+    assert enqueued == [False] * (total // 3) + [True]
+
+
+def _rank_worker(rank: int, world: int) -> dict:
     torch.manual_seed(0)  # every rank draws the same full batch and keeps its slice
     za, zb = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
     za = za.chunk(world)[rank].clone().requires_grad_(True)
     zb = zb.chunk(world)[rank].clone().requires_grad_(True)
     scores = torch.randn(16, 6).chunk(world)[rank]
-    from voxstream.model.distributed import gather_with_grad
     c = cross_correlation(za, zb)
     barlow = sum(barlow_terms(c).values())
     vicreg = sum(vicreg_terms(gather_with_grad(za), gather_with_grad(zb)).values())
     (barlow + vicreg).backward()
-    torch.save({"c": c.detach(), "barlow": barlow.detach(), "vicreg": vicreg.detach(),
-                "grad_a": za.grad, "q": sinkhorn(scores, 0.05, 3)}, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
+    return {"c": c.detach(), "barlow": barlow.detach(), "vicreg": vicreg.detach(),
+            "grad_a": za.grad, "q": sinkhorn(scores, 0.05, 3)}
 
 
-def test_cross_rank_statistics_equal_the_concatenated_batch(tmp_path):
+def test_cross_rank_statistics_equal_the_concatenated_batch():
     world = 2
-    mp.spawn(_rank_worker, args=(world, f"file://{tmp_path}/init", str(tmp_path)), nprocs=world)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    ranks = run_ranks(_rank_worker, world=world)
 
     torch.manual_seed(0)  # the same draws, in one process
     za = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)

@@ -32,7 +32,7 @@ class Config(MethodConfig):
 def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-dimension (z - mean) / std over the global batch: BatchNorm1d(affine=False) in training
     mode, synchronised across ranks like the reference code's SyncBatchNorm."""
-    n = all_reduce_sum(z.new_tensor(float(len(z))))
+    n = all_reduce_sum(z.new_full((), float(len(z))))
     mean = all_reduce_sum(z.sum(dim=0)) / n
     var = all_reduce_sum((z - mean).pow(2).sum(dim=0)) / n  # biased, as BatchNorm normalises
     return (z - mean) / torch.sqrt(var + eps)
@@ -44,7 +44,7 @@ def cross_correlation(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
     Each rank adds its samples' share of sum_n za_n zb_n^T and the all-reduce (with autograd) sums
     the shares, so it equals the single-process matrix over the concatenated batch.
     """
-    n = all_reduce_sum(za.new_tensor(float(len(za))))
+    n = all_reduce_sum(za.new_full((), float(len(za))))
     return all_reduce_sum(standardise(za).T @ standardise(zb)) / n
 
 
@@ -65,9 +65,8 @@ class BarlowTwins(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
-        if len(views) < 2:
-            raise ValueError(f"Barlow Twins needs 2 views, got {len(views)}")
-        ya, yb = encode_views(self.encoder, views[:2])
+        self.check_views(views)
+        ya, yb = encode_views(self.encoder, views)
         za, zb = self.projector(ya).float(), self.projector(yb).float()
         with torch.autocast(za.device.type, enabled=False):  # a D x D correlation loses too much in bf16
             terms = barlow_terms(cross_correlation(za, zb))

@@ -25,11 +25,18 @@ class SSLMethod(nn.Module, abc.ABC):
       `groups` (int64 [B], pipeline.loader.group_ids; None: every item its own group) names the
       items' sessions or pseudo-labels: methods that contrast against negatives (SimCLR, MoCo) leave
       items of the anchor's group out of them, because those are the same speaker.
-    - `after_step(step, total_steps)` runs after the optimizer step: momentum/EMA updates,
-      schedules that depend on progress (e.g. DINO teacher temperature and momentum).
+    - `forward` first calls `check_views`: a method takes the number of views `view_counts()`
+      declares, and any other number is an error (a view is never silently dropped).
+    - `after_step(step, total_steps)` runs after optimizer step `step` (0-based) of `total_steps`:
+      momentum/EMA updates and schedules (e.g. DINO's teacher temperature, SwAV's prototype
+      freeze). Schedules are fractions of training, never step counts of one dataset.
+    - Nothing in a training step reads a device tensor on the host (.item(), float(), int(),
+      `if tensor`): that would wait for the device at every step. What a schedule decides from is a
+      Python number, set in `after_step`; a buffer keeps a copy for the state dict, and
+      `restore_host_state` reads it back once, whenever a state dict is loaded.
     - `embedder()` is the network used for evaluation (the teacher for DINO, the encoder otherwise).
-    - State that must survive a resume (queues, centers) lives in buffers, so `state_dict()` is
-      the whole method state.
+    - State that must survive a resume (queues, centers, progress) lives in buffers, so
+      `state_dict()` is the whole method state.
     """
 
     Config = MethodConfig
@@ -39,15 +46,35 @@ class SSLMethod(nn.Module, abc.ABC):
         self.encoder = encoder
         self.cfg = cfg
         self.embed_dim = embed_dim
+        self.register_load_state_dict_post_hook(_restore_host_state)
 
     @abc.abstractmethod
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss, detached scalar stats) for a list of [B, T_v] waveform views."""
 
+    def view_counts(self) -> tuple[int, int | None]:
+        """(fewest, most) views `forward` takes; most None: no limit. Default: one pair."""
+        return 2, 2
+
+    def check_views(self, views: list[torch.Tensor]) -> None:
+        fewest, most = self.view_counts()
+        if fewest <= len(views) and (most is None or len(views) <= most):
+            return
+        need = f"{fewest}" if fewest == most else f"at least {fewest}" if most is None else f"{fewest} to {most}"
+        raise ValueError(f"{self.cfg.name} takes {need} views (data.views), got {len(views)}")
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """Default: nothing to update."""
 
+    def restore_host_state(self) -> None:
+        """Default: no host copies of buffers."""
+
     def embedder(self) -> nn.Module:
         return self.encoder
+
+
+def _restore_host_state(method: SSLMethod, incompatible_keys) -> None:
+    """load_state_dict's post-hook (a module-level function, so a method still pickles)."""
+    method.restore_host_state()

@@ -59,24 +59,29 @@ class DINO(SSLMethod):
         self.teacher_encoder = frozen_copy(encoder)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        self.register_buffer("progress", torch.zeros(()))  # step / total_steps, set by after_step
+        # step / total_steps of the last after_step: the schedules read the Python number
+        # (host_progress); the buffer carries it across a resume.
+        self.host_progress = 0.0
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
         # Zeroing the prototypes' gradient early stabilises training (DINO's freeze_last_layer);
         # a hook keeps the parameter in the graph, so DDP needs no find_unused_parameters.
         self.head.last_layer.weight.register_hook(
-            lambda g: g * 0 if float(self.progress) < cfg.freeze_last_layer_fraction else g)
+            lambda g: g * 0 if self.host_progress < cfg.freeze_last_layer_fraction else g)
+
+    def view_counts(self) -> tuple[int, int | None]:
+        return self.cfg.global_views + 1, None  # the global crops, then at least one local crop
 
     def teacher_temp(self) -> float:
         """Linear warm-up of the teacher temperature: a hot teacher early makes training unstable."""
-        cfg, p = self.cfg, float(self.progress)
+        cfg, p = self.cfg, self.host_progress
         if p >= cfg.warmup_teacher_temp_fraction:
             return cfg.teacher_temp
         return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * p / cfg.warmup_teacher_temp_fraction
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
+        self.check_views(views)
         g = self.cfg.global_views
-        if len(views) <= g:
-            raise ValueError(f"dino needs {g} global views and at least one local view (data.views), got {len(views)}")
         with torch.no_grad():
             teacher_out = self.teacher_head(torch.cat(encode_views(self.teacher_encoder, views[:g]))).float()
             teacher = F.softmax((teacher_out - self.center) / self.teacher_temp(), dim=-1).chunk(g)
@@ -88,7 +93,7 @@ class DINO(SSLMethod):
         loss = torch.stack(terms).mean()
         self._update_center(teacher_out)
         y = embeddings[0].detach()
-        return loss, {"loss": loss.detach(), "teacher_temp": torch.tensor(self.teacher_temp(), device=loss.device),
+        return loss, {"loss": loss.detach(), "teacher_temp": loss.new_full((), self.teacher_temp()),
                       "teacher_entropy": monitors.entropy(torch.cat(teacher)),
                       "kl": monitors.kl_divergence(teacher[0], student[1].detach()),
                       "embedding_std": monitors.embedding_std(y), "effective_rank": monitors.effective_rank(y)}
@@ -102,10 +107,14 @@ class DINO(SSLMethod):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        self.progress.fill_(step / max(total_steps, 1))
+        self.host_progress = step / max(total_steps, 1)
+        self.progress.fill_(self.host_progress)
         m = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
         ema_update(self.teacher_encoder, self.encoder, m)
         ema_update(self.teacher_head, self.head, m)
+
+    def restore_host_state(self) -> None:
+        self.host_progress = self.progress.item()
 
     def embedder(self) -> nn.Module:
         return self.teacher_encoder

@@ -42,8 +42,7 @@ class MoCo(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(views) != 2:
-            raise ValueError(f"moco needs 2 views (data.views), got {len(views)}")
+        self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
         q1, q2 = F.normalize(self.projector(y1).float(), dim=1), F.normalize(self.projector(y2).float(), dim=1)
         with torch.no_grad():
@@ -51,6 +50,9 @@ class MoCo(SSLMethod):
         if groups is None:  # each item its own group: nothing queued shares it
             groups = torch.full((len(q1),), -1, dtype=torch.long, device=q1.device)
         own = (self.queue_groups[None, :] == groups[:, None]) & (groups[:, None] >= 0)
+        # Autograd keeps the queue for the gradient of q @ queue.T, and _enqueue below overwrites
+        # it in place before backward: on the buffer itself backward would raise (a saved tensor
+        # was modified). The copy keeps the keys this loss was computed against.
         queue = self.queue.clone()
         loss = (self._infonce(q1, k2, queue, own) + self._infonce(q2, k1, queue, own)) / 2
         everyone = distributed.gather(groups)

@@ -16,8 +16,11 @@ from voxstream.model.methods.parts import encode_views, mlp
 @dataclass
 class Config(MethodConfig):
     name: str = "simclr"
-    temperature: float = 0.2         # sslsv SimCLRConfig
-    enable_projector: bool = True    # sslsv: Linear-ReLU-Linear projector
+    # Temperature 0.2 and a Linear(2048)-ReLU-Linear(256) projector: sslsv SimCLRConfig as of
+    # commit c2c7af5 (May 2024). sslsv later moved to T 0.5 and output 128 (a15cc8b, Sept 2024),
+    # then to a 3-layer BatchNorm projector (3f2bf7d, Nov 2024); these are the earlier values.
+    temperature: float = 0.2
+    enable_projector: bool = True
     projector_hidden_dim: int = 2048
     projector_output_dim: int = 256
 
@@ -57,8 +60,7 @@ class SimCLR(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(views) != 2:
-            raise ValueError(f"simclr needs 2 views (data.views), got {len(views)}")
+        self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
         loss, accuracy = nt_xent(self.projector(y1), self.projector(y2), self.cfg.temperature, groups)
         y = y1.detach()

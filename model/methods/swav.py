@@ -18,10 +18,6 @@ from voxstream.model.methods.base import MethodConfig, SSLMethod
 from voxstream.model.methods.parts import encode_views, mlp
 from voxstream.model.monitors import effective_rank, embedding_std
 
-# One epoch of VoxCeleb2 dev (1,092,009 utterances) at batch 256, to turn sslsv's epochs into steps.
-_VOX2_STEPS_PER_EPOCH = 4266
-
-
 @dataclass
 class Config(MethodConfig):
     name: str = "swav"
@@ -35,13 +31,13 @@ class Config(MethodConfig):
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     # Queue of 3840 projections (global, over all ranks): reference code's small-batch setting and
-    # sslsv queue_size; 0 disables it. Filled from queue_start_steps on (sslsv queue_start_epoch = 15),
-    # used once full.
+    # sslsv queue_size; 0 disables it. Filled once this fraction of training is done, used once
+    # full: sslsv queue_start_epoch 15 of its 100 epochs (SwAVConfig, TrainerConfig.epochs).
     queue_size: int = 3840
-    queue_start_steps: int = 15 * _VOX2_STEPS_PER_EPOCH
-    # Prototypes get no gradient for the first steps: sslsv freeze_prototypes_epochs = 1
-    # (the reference code's 313 iterations are one ImageNet epoch at batch 4096).
-    freeze_prototypes_steps: int = _VOX2_STEPS_PER_EPOCH
+    queue_start_fraction: float = 0.15
+    # Prototypes get no gradient for this first fraction of training: sslsv freeze_prototypes_epochs
+    # 1 of 100 (the reference code's 313 iterations are one ImageNet epoch at batch 4096).
+    freeze_prototypes_fraction: float = 0.01
     # The first `assign_views` views (the global crops) get assignments: reference code's
     # crops_for_assign [0, 1].
     assign_views: int = 2
@@ -59,7 +55,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     global batch; each row of the result sums to 1.
     """
     q = torch.exp(scores.float() / epsilon).T  # [K, B]; scores are cosines, so no overflow
-    k, b = q.shape[0], all_reduce_sum(q.new_tensor(float(q.shape[1])))
+    k, b = q.shape[0], all_reduce_sum(q.new_full((), float(q.shape[1])))
     q /= all_reduce_sum(q.sum())
     for _ in range(iterations):
         q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * k
@@ -80,14 +76,18 @@ class SwAV(SSLMethod):
         # feeds Sinkhorn the rows r::world_size, so the ranks together use each row exactly once.
         self.register_buffer("queue", torch.zeros(cfg.assign_views, cfg.queue_size, dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # The fraction of training done, for the freeze and the queue. Decisions read the Python
+        # numbers (host_*); the buffers carry them across a resume.
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        self.host_progress, self.host_queue_filled = 0.0, 0
+
+    def view_counts(self) -> tuple[int, int | None]:
+        return max(self.cfg.assign_views, 2), None  # every assignment view is predicted by another
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
+        self.check_views(views)
         n_assign = self.cfg.assign_views
-        if len(views) < max(n_assign, 2):
-            raise ValueError(f"SwAV needs at least {max(n_assign, 2)} views "
-                             f"(assign_views={n_assign}), got {len(views)}")
         ys = encode_views(self.encoder, views)
         zs = [F.normalize(self.projector(y).float(), dim=1) for y in ys]
         with torch.autocast(zs[0].device.type, enabled=False):  # Sinkhorn's exp(score / 0.05) needs fp32
@@ -95,16 +95,16 @@ class SwAV(SSLMethod):
         if self.training:
             self._enqueue(zs[:n_assign])
         y = ys[0].detach()
-        return loss, {"loss": loss.detach(), "queue_used": loss.new_tensor(float(use_queue)),
+        return loss, {"loss": loss.detach(), "queue_used": loss.new_full((), float(use_queue)),
                       "embedding_std": embedding_std(y), "effective_rank": effective_rank(y)}
 
     def _swapped_prediction(self, zs: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """Each assignment view's Sinkhorn codes, predicted from every other view's scores."""
         w = F.normalize(self.prototypes.float(), dim=1)  # the normalised linear layer
-        if self.training and w.requires_grad and int(self.steps) < self.cfg.freeze_prototypes_steps:
+        if self.training and w.requires_grad and self.host_progress < self.cfg.freeze_prototypes_fraction:
             w.register_hook(torch.zeros_like)  # zero rather than drop the gradient: DDP sees them used
         scores = [z @ w.T for z in zs]
-        use_queue = self.cfg.queue_size > 0 and int(self.queue_filled) == self.cfg.queue_size
+        use_queue = self.cfg.queue_size > 0 and self.host_queue_filled == self.cfg.queue_size
         n_assign = self.cfg.assign_views
         loss = scores[0].new_zeros(())
         for i in range(n_assign):
@@ -122,15 +122,20 @@ class SwAV(SSLMethod):
 
     @torch.no_grad()
     def _enqueue(self, zs: list[torch.Tensor]) -> None:
-        if self.cfg.queue_size == 0 or int(self.steps) < self.cfg.queue_start_steps:
+        if self.cfg.queue_size == 0 or self.host_progress < self.cfg.queue_start_fraction:
             return
         fresh = torch.stack([gather(z.detach()) for z in zs])  # [V, global batch, D]
         self.queue.copy_(torch.cat([fresh, self.queue], dim=1)[:, : self.cfg.queue_size])
-        self.queue_filled.add_(fresh.shape[1]).clamp_(max=self.cfg.queue_size)
+        self.host_queue_filled = min(self.host_queue_filled + fresh.shape[1], self.cfg.queue_size)
+        self.queue_filled.fill_(self.host_queue_filled)
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        self.steps.add_(1)  # own count (a buffer) so the freeze and the queue survive a resume
+        self.host_progress = (step + 1) / max(total_steps, 1)  # steps done: the next forward's position
+        self.progress.fill_(self.host_progress)
+
+    def restore_host_state(self) -> None:
+        self.host_progress, self.host_queue_filled = self.progress.item(), int(self.queue_filled)
 
 
 def _cross_entropy(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,8 @@ class VICReg(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
-        if len(views) < 2:
-            raise ValueError(f"VICReg needs 2 views, got {len(views)}")
-        ya, yb = encode_views(self.encoder, views[:2])
+        self.check_views(views)
+        ya, yb = encode_views(self.encoder, views)
         # Every term is computed on the batch gathered across ranks (as the reference code's
         # FullGatherLayer does): std and covariance are batch statistics, and a per-rank batch
         # (say 32 samples for a 512 x 512 covariance) would make them noisy and rank-deficient.
