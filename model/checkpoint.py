@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from voxstream.model.methods import SSLMethod, build_method
+from voxstream.model.recipe import Recipe, RecipeError, recipe_from_dict
 from voxstream.shards import storage
 
 CHECKPOINT_FORMAT = 1
@@ -72,13 +74,15 @@ def read_checkpoint(url: str, storage_options: dict | None = None) -> dict:
     return ckpt
 
 
-def load_method(url: str, storage_options: dict | None = None):
-    """(method with trained weights, recipe dict): what evaluation needs from a checkpoint."""
-    from voxstream.model.encoders import EncoderConfig
-    from voxstream.model.methods import build_method, method_config
-
+def load_method(url: str, storage_options: dict | None = None, trained: bool = True) -> tuple[SSLMethod, Recipe]:
+    """(method, recipe) rebuilt from the recipe the checkpoint carries, in eval mode: with its trained
+    weights, or with `trained=False` at initialisation (the global torch seed's draw)."""
     ckpt = read_checkpoint(url, storage_options)
-    recipe = ckpt["recipe"]
-    method = build_method(EncoderConfig(**recipe["model"]), method_config(recipe["method"]))
-    method.load_state_dict(ckpt["method"])
+    try:
+        recipe = recipe_from_dict(ckpt.get("recipe"))
+    except RecipeError as e:
+        raise RecipeError(f"{url}: the checkpoint's recipe does not validate: {e}") from None
+    method = build_method(recipe.model, recipe.method)
+    if trained:
+        method.load_state_dict(ckpt["method"])
     return method.eval(), recipe

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve
 from torch import nn
 
 from voxstream.model import metrics, scoring
+from voxstream.model.checkpoint import CHECKPOINT_FORMAT
 from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
 from voxstream.model.evaluate import EvalConfig, evaluate, read_trials, speaker_similarity
 from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
@@ -353,9 +354,9 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
     """The real path: a checkpoint (small ECAPA, SimCLR) through tools/evaluate.py, then --untrained."""
     from dataclasses import asdict
 
-    from voxstream.model.checkpoint import CHECKPOINT_FORMAT
     from voxstream.model.encoders import EncoderConfig
-    from voxstream.model.methods import build_method, method_config
+    from voxstream.model.methods import build_method
+    from voxstream.model.recipe import method_config
 
     root, waves, ids, _ = corpus
     trials = _write_trials(tmp_path / "small.txt", ids[::2])   # 8 utterances, 4 speakers: keeps ECAPA quick
@@ -380,6 +381,19 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
     assert trained["fingerprint"] == model_fingerprint(method.embedder())[:16] != init["fingerprint"]
     scores, _ = _read_scores(tmp_path / "trained" / "scores-small.txt")
     np.testing.assert_allclose(scores, _expected_scores(method.embedder().eval(), waves, trials), atol=1e-4)
+
+
+def test_a_checkpoint_whose_recipe_no_longer_validates_is_one_line_naming_it(corpus, tmp_path, capsys):
+    root, _, _, trials = corpus
+    ckpt = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "method": {},
+                "recipe": {"model": {"name": "ecapa", "chanels": 32}, "method": {"name": "simclr"}}}, ckpt)
+    for untrained in ([], ["--untrained"]):
+        rc = evaluate_tool.main(["--checkpoint", str(ckpt), *untrained, "--trials", str(trials),
+                                 "--audio-root", str(root)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert f"{ckpt}: the checkpoint's recipe does not validate: model.chanels: unknown key" in err[0]
 
 
 def test_untrained_encoder_from_a_recipe_is_reproducible(tmp_path):

@@ -13,11 +13,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from voxstream.model.encoders import EncoderConfig
-from voxstream.model.methods import build_method, method_config
+from voxstream.model.methods import build_method
 from voxstream.model.methods.parts import encode_views
 from voxstream.model.methods.barlow import barlow_terms, cross_correlation
 from voxstream.model.methods.swav import sinkhorn
 from voxstream.model.methods.vicreg import vicreg_terms
+from voxstream.model.recipe import method_config
 
 SR = 16000
 SMALL_ENCODER = EncoderConfig(name="ecapa", channels=32, embed_dim=32, n_mels=40)

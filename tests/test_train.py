@@ -162,7 +162,7 @@ def test_two_ranks_stream_from_s3_and_the_checkpoint_loads(reference):
     assert ckpt["step"] == TOTAL and [r["step"] for r in ckpt["ranks"]] == [TOTAL, TOTAL]
     assert [p.name for p in sorted(run.glob("ckpt-*.pt"))] == ["ckpt-00000008.pt", "ckpt-00000016.pt"]
     method, saved = load_method(str(run / "last.pt"))
-    assert saved["data"]["train"].startswith("s3://") and saved["train"]["epochs"] == EPOCHS
+    assert saved.data.train.startswith("s3://") and saved.train.epochs == EPOCHS
     with torch.no_grad():
         emb = method.embedder()(torch.randn(2, SAMPLE_RATE))
     assert emb.shape == (2, 16) and torch.isfinite(emb).all()
