@@ -210,6 +210,22 @@ def corpus(tmp_path_factory):
     return root, waves, ids, trials
 
 
+def test_the_baseline_and_the_evaluator_read_one_trial_list_alike(corpus, tmp_path):
+    from voxstream.model.baseline import score_trials
+
+    root, _, ids, _ = corpus
+    lines = _write_trials(tmp_path / "t.txt", ids[:6]).read_text().splitlines()
+    path = tmp_path / "blank.txt"
+    path.write_text("\n".join(lines[:4] + ["", "  "] + lines[4:]) + "\n\n")
+    t = read_trials(str(path))
+    scores, labels, _ = score_trials(path, root)
+    assert len(t.labels) == len(scores) == len(lines) and labels.tolist() == t.labels.tolist()
+    path.write_text("\n".join(lines[:4] + ["", "1 only-one-id"]) + "\n")
+    for read in (read_trials, lambda p: score_trials(p, root)):
+        with pytest.raises(ValueError, match=r"blank.txt:6: expected 'label enroll test'"):
+            read(str(path))
+
+
 def _expected_scores(embedder: nn.Module, waves: dict, trials_path: Path, step: int = 1600) -> np.ndarray:
     """Each utterance embedded alone (floored to the length step), then cosine: no batching at all."""
     t = read_trials(str(trials_path))
