@@ -1,8 +1,14 @@
 """Checkpoints: one torch.save dict, written atomically to a local path or any fsspec URL.
 
-Layout (format 1): {"format": 1, "recipe": plain dict of the recipe (sections data, augment, model,
-method, optim, train), "method": SSLMethod.state_dict() (unwrapped from DDP), "step": int, ...
-training state added by the trainer (optimizer, scaler, schedules, RNG, stream position)}.
+Layout (format 1), as the trainer writes it:
+    format      1
+    recipe      the whole recipe as a plain dict (recipe_to_dict); load_method rebuilds the method from it
+    method      SSLMethod.state_dict(), unwrapped from DDP: encoder, heads, EMA teachers, queues
+    optimizer   the optimizer's state_dict()
+    step        optimizer steps done; the data stream's position and the LR/WD schedules follow from it
+    world_size  the number of ranks that wrote it
+    ranks       per rank: {"step", "rng": {"torch", "numpy", "python", "augment", and "cuda" on CUDA}};
+                a resume on another number of ranks starts fresh RNG states
 
 Files in a run's out_dir: `ckpt-<step:08d>.pt` every train.ckpt_every steps (the last K kept) and
 `last.pt` when training completes. `last.pt`, when present, is always the newest: a run resumed

@@ -244,8 +244,12 @@ def local_sets(tmp_path):
 def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_sets, tmp_path):
     recipe = tiny_recipe(tmp_path, local_sets)
     run = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
     assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0"])) == STEPS_PER_EPOCH
+    assert signal.getsignal(signal.SIGTERM) is handler, "the run's SIGTERM handler is removed when it ends"
     assert latest_checkpoint(str(run)) == str(run / "last.pt")
+    assert sorted(read_checkpoint(str(run / "last.pt"))) == [  # the layout checkpoint.py documents
+        "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
     method, _ = load_method(str(run / "last.pt"))
     assert all(torch.isfinite(p).all() for p in method.parameters())
     # Resumed with a learning rate that blows the weights up: stopped, named, nothing written.
@@ -255,6 +259,7 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     bad_step = int(message.split()[1].rstrip(":"))
     assert STEPS_PER_EPOCH < bad_step <= 2 * STEPS_PER_EPOCH and "not finite" in message
     assert message.endswith(f"last good checkpoint: {run / 'last.pt'}")
+    assert signal.getsignal(signal.SIGTERM) is handler
     assert sorted(p.name for p in run.glob("*.pt")) == ["last.pt"]
     assert read_checkpoint(str(run / "last.pt"))["step"] == STEPS_PER_EPOCH
     assert max(losses(run)) < bad_step
@@ -276,3 +281,4 @@ def test_checkpoints_keep_the_last_k_and_last_pt_is_the_newest(where, tmp_path, 
     save_checkpoint({"step": 60}, out, keep_last=2)  # training on past a finished run: last.pt is stale now
     assert names() == ["ckpt-00000040.pt", "ckpt-00000060.pt"]
     assert torch.equal(read_checkpoint(storage.join(out, "ckpt-00000040.pt"))["w"], torch.full((3,), 40.0))
+
