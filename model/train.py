@@ -173,19 +173,24 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.device) -> dict:
-    """EER and minDCF of the current embedder on train.trials (rank 0; the others wait)."""
+    """EER and minDCF of the current embedder on train.trials (rank 0; the others wait).
+
+    Its outputs go to out_dir/val/step-N when out_dir is local, else to a temporary folder removed after.
+    """
     from voxstream.model.evaluate import EvalConfig, evaluate
 
-    shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST))
-    out = (Path(storage.filesystem(cfg.out_dir)[1]) / "val" if storage.is_local(cfg.out_dir)
-           else Path(tempfile.mkdtemp(prefix="voxstream-val-")))
+    shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST), cfg.storage_options)
+    folder = (contextlib.nullcontext(Path(storage.filesystem(cfg.out_dir)[1]) / "val") if storage.is_local(cfg.out_dir)
+              else tempfile.TemporaryDirectory(prefix="voxstream-val-"))
     embedder = method.embedder()
     modes = [(m, m.training) for m in embedder.modules()]
     embedder.eval()
     try:
-        report = evaluate(embedder, EvalConfig(
-            trials=[cfg.trials], audio_root="" if shards else cfg.trials_audio,
-            shards=cfg.trials_audio if shards else "", out=str(out / f"step-{step:08d}"), device=str(device)))
+        with folder as out:
+            report = evaluate(embedder, EvalConfig(
+                trials=[cfg.trials], audio_root="" if shards else cfg.trials_audio,
+                shards=cfg.trials_audio if shards else "", out=str(Path(out) / f"step-{step:08d}"),
+                device=str(device), storage_options=cfg.storage_options))
     finally:
         for module, mode in modes:
             module.train(mode)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 import yaml
 
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
-from voxstream.model.recipe import load_recipe
-from voxstream.model.train import TrainingError, train
+from voxstream.model.methods import build_method
+from voxstream.model.recipe import TrainConfig, load_recipe, recipe_from_dict
+from voxstream.model.train import TrainingError, train, validate
 from voxstream.pipeline.banks import write_clip_set
 from voxstream.shards import storage
 from voxstream.shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
@@ -282,3 +284,26 @@ def test_checkpoints_keep_the_last_k_and_last_pt_is_the_newest(where, tmp_path, 
     assert names() == ["ckpt-00000040.pt", "ckpt-00000060.pt"]
     assert torch.equal(read_checkpoint(storage.join(out, "ckpt-00000040.pt"))["w"], torch.full((3,), 40.0))
 
+
+def test_validation_with_a_remote_out_dir_reads_s3_with_its_options_and_leaves_no_folder(s3_server, s3_url,
+                                                                                          tmp_path, monkeypatch):
+    write_speech_set(f"{s3_url}/speech", speakers=4, sessions=1, utts=2, shards=1)
+    ids = [f"spk{s}/s{s}v0/{u:05d}.wav" for s in range(4) for u in range(2)]
+    trials = tmp_path / "trials.txt"
+    trials.write_text("".join(f"{int(a[:4] == b[:4])} {a} {b}\n" for i, a in enumerate(ids) for b in ids[i + 1:]))
+    recipe = recipe_from_dict({"model": {"name": "ecapa", "channels": 16, "embed_dim": 16, "n_mels": 24},
+                               "method": {"name": "simclr"}})
+    torch.manual_seed(0)
+    method = build_method(recipe.model, recipe.method)
+    # Only train.storage_options lead to the server: the environment points at a closed port.
+    for name in s3_server.env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    cfg = TrainConfig(out_dir=f"{s3_url}/run", trials=str(trials), trials_audio=f"{s3_url}/speech",
+                      storage_options=s3_server.storage_options())
+    temp = lambda: set(Path(tempfile.gettempdir()).glob("voxstream-val-*"))
+    before = temp()
+    result = validate(method, cfg, 10, torch.device("cpu"))
+    assert 0 <= result["val_eer"] <= 1 and 0 <= result["val_min_dcf_0.01"] <= 1
+    assert temp() == before
+    assert method.training, "validation puts the method back in training mode"
