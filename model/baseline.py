@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from voxstream.model.evaluate import read_trials
 from voxstream.model.metrics import eer
 
 SAMPLE_RATE = 16000
@@ -32,25 +33,14 @@ def mfcc_stats(wave: np.ndarray) -> np.ndarray:
     return torch.cat([mfcc.mean(1), mfcc.std(1)]).double().numpy()
 
 
-def read_trials(path: str | Path) -> list[tuple[int, str, str]]:
-    """`label enroll test` lines; a malformed line raises naming its number."""
-    trials = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.split()
-        if len(parts) != 3 or parts[0] not in ("0", "1"):
-            raise ValueError(f"{path}:{n}: expected 'label enroll test', got {line!r}")
-        trials.append((int(parts[0]), parts[1], parts[2]))
-    return trials
-
-
 def score_trials(trials_path: str | Path, audio_root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cosine scores of the MFCC-statistics baseline for a trial list.
+    """Cosine scores of the MFCC-statistics baseline for a trial list (read as the evaluator reads it).
 
     Returns (scores, labels, same_session), same_session marking trials whose two files share the
     `<speaker>/<session>/` folder (VoxCeleb layout).
     """
-    trials = read_trials(trials_path)
-    names = sorted({u for _, a, b in trials for u in (a, b)})
+    trials = read_trials(str(trials_path))
+    names = sorted({*trials.enroll, *trials.test})
     stats = []
     for name in names:
         wave, sr = sf.read(Path(audio_root) / name, dtype="int16")
@@ -61,11 +51,11 @@ def score_trials(trials_path: str | Path, audio_root: str | Path) -> tuple[np.nd
     vectors = (vectors - vectors.mean(0)) / (vectors.std(0) + 1e-9)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = {name: i for i, name in enumerate(names)}
-    a = np.array([index[t[1]] for t in trials])
-    b = np.array([index[t[2]] for t in trials])
+    a = np.array([index[u] for u in trials.enroll])
+    b = np.array([index[u] for u in trials.test])
     scores = np.einsum("ij,ij->i", vectors[a], vectors[b])
-    labels = np.array([t[0] for t in trials])
-    same_session = np.array([t[1].rsplit("/", 1)[0] == t[2].rsplit("/", 1)[0] for t in trials])
+    labels = trials.labels.astype(int)
+    same_session = np.array([e.rsplit("/", 1)[0] == t.rsplit("/", 1)[0] for e, t in zip(trials.enroll, trials.test)])
     return scores, labels, same_session
 
 

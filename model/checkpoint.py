@@ -1,8 +1,14 @@
 """Checkpoints: one torch.save dict, written atomically to a local path or any fsspec URL.
 
-Layout (format 1): {"format": 1, "recipe": plain dict of the recipe (sections data, augment, model,
-method, optim, train), "method": SSLMethod.state_dict() (unwrapped from DDP), "step": int, ...
-training state added by the trainer (optimizer, scaler, schedules, RNG, stream position)}.
+Layout (format 1), as the trainer writes it:
+    format      1
+    recipe      the whole recipe as a plain dict (recipe_to_dict); load_method rebuilds the method from it
+    method      SSLMethod.state_dict(), unwrapped from DDP: encoder, heads, EMA teachers, queues
+    optimizer   the optimizer's state_dict()
+    step        optimizer steps done; the data stream's position and the LR/WD schedules follow from it
+    world_size  the number of ranks that wrote it
+    ranks       per rank: {"step", "rng": {"torch", "numpy", "python", "augment", and "cuda" on CUDA}};
+                a resume on another number of ranks starts fresh RNG states
 
 Files in a run's out_dir: `ckpt-<step:08d>.pt` every train.ckpt_every steps (the last K kept) and
 `last.pt` when training completes. `last.pt`, when present, is always the newest: a run resumed
@@ -15,6 +21,8 @@ import re
 
 import torch
 
+from voxstream.model.methods import SSLMethod, build_method
+from voxstream.model.recipe import Recipe, RecipeError, recipe_from_dict
 from voxstream.shards import storage
 
 CHECKPOINT_FORMAT = 1
@@ -72,13 +80,15 @@ def read_checkpoint(url: str, storage_options: dict | None = None) -> dict:
     return ckpt
 
 
-def load_method(url: str, storage_options: dict | None = None):
-    """(method with trained weights, recipe dict): what evaluation needs from a checkpoint."""
-    from voxstream.model.encoders import EncoderConfig
-    from voxstream.model.methods import build_method, method_config
-
+def load_method(url: str, storage_options: dict | None = None, trained: bool = True) -> tuple[SSLMethod, Recipe]:
+    """(method, recipe) rebuilt from the recipe the checkpoint carries, in eval mode: with its trained
+    weights, or with `trained=False` at initialisation (the global torch seed's draw)."""
     ckpt = read_checkpoint(url, storage_options)
-    recipe = ckpt["recipe"]
-    method = build_method(EncoderConfig(**recipe["model"]), method_config(recipe["method"]))
-    method.load_state_dict(ckpt["method"])
+    try:
+        recipe = recipe_from_dict(ckpt.get("recipe"))
+    except RecipeError as e:
+        raise RecipeError(f"{url}: the checkpoint's recipe does not validate: {e}") from None
+    method = build_method(recipe.model, recipe.method)
+    if trained:
+        method.load_state_dict(ckpt["method"])
     return method.eval(), recipe

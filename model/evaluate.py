@@ -228,21 +228,18 @@ def load_embedder(checkpoint: str = "", config: str = "", untrained: bool = Fals
                   storage_options: dict | None = None) -> tuple[nn.Module, str]:
     """(embedder, name): a checkpoint's trained network, or with `untrained` the same architecture at
     initialisation, built from the recipe file `config` or from the checkpoint's own recipe."""
-    from voxstream.model.checkpoint import load_method, read_checkpoint
-    from voxstream.model.encoders import EncoderConfig
-    from voxstream.model.methods import build_method, method_config
+    from voxstream.model.checkpoint import load_method
+    from voxstream.model.methods import build_method
+    from voxstream.model.recipe import load_recipe
 
     if not untrained:
         method, _ = load_method(checkpoint, storage_options)
         return method.embedder().eval(), checkpoint
-    if config:
-        from voxstream.model.recipe import load_recipe   # validates the file the way training does
-        recipe = load_recipe(config)
-        enc_cfg, method_cfg = recipe.model, recipe.method
-    else:
-        recipe = read_checkpoint(checkpoint, storage_options)["recipe"]
-        enc_cfg, method_cfg = EncoderConfig(**recipe["model"]), method_config(recipe["method"])
     torch.manual_seed(seed)
-    method = build_method(enc_cfg, method_cfg)
-    name = f"untrained {method_cfg.name} {enc_cfg.name} from {config or checkpoint} (seed {seed})"
+    if config:
+        recipe = load_recipe(config)   # validates the file the way training does
+        method = build_method(recipe.model, recipe.method)
+    else:
+        method, recipe = load_method(checkpoint, storage_options, trained=False)
+    name = f"untrained {recipe.method.name} {recipe.model.name} from {config or checkpoint} (seed {seed})"
     return method.embedder().eval(), name

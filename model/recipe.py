@@ -171,11 +171,12 @@ def build_section(cls: type, values: dict | None, prefix: str) -> Any:
         raise RecipeError(" ".join(str(e).split())) from None
 
 
-def _method_class(values: dict | None) -> type:
+def method_config(values: dict | None) -> MethodConfig:
+    """The `method:` section as the Config of the method it names, every key and type checked."""
     name = (values or {}).get("name", "")
     if name not in METHODS:
         raise RecipeError(f"method.name: expected one of {', '.join(METHODS)}, got {name!r}")
-    return METHODS[name].Config
+    return build_section(METHODS[name].Config, values, "method")
 
 
 def recipe_from_dict(tree: dict) -> Recipe:
@@ -185,9 +186,10 @@ def recipe_from_dict(tree: dict) -> Recipe:
     for section in tree:
         if section not in SECTIONS:
             raise RecipeError(f"{section}: unknown section; valid sections: {', '.join(SECTIONS)}")
-    classes = {"data": DataConfig, "augment": AugmentConfig, "model": EncoderConfig,
-               "method": _method_class(tree.get("method")), "optim": OptimConfig, "train": TrainConfig}
-    recipe = Recipe(**{s: build_section(classes[s], tree.get(s), s) for s in SECTIONS})
+    classes = {"data": DataConfig, "augment": AugmentConfig, "model": EncoderConfig, "optim": OptimConfig,
+               "train": TrainConfig}
+    recipe = Recipe(method=method_config(tree.get("method")),
+                    **{s: build_section(cls, tree.get(s), s) for s, cls in classes.items()})
     if recipe.optim.name not in OPTIMIZERS:
         raise RecipeError(f"optim.name: expected one of {', '.join(OPTIMIZERS)}, got {recipe.optim.name!r}")
     return recipe

@@ -2,9 +2,11 @@
 
 Per step: the next batch of views (int16, pinned) goes to the device, each view gets its own
 augmentation draw there, the method returns (loss, stats), then backward, clip, optimizer step and
-the method's own after-step update (EMA teachers, queues). Everything a step depends on (weights,
-optimizer, method buffers, step, RNG states, stream position) is in the checkpoint, so a run that
-was killed and resumed follows the trajectory of one that was not.
+the method's own after-step update (EMA teachers, queues). Everything a step depends on is in the
+checkpoint (weights, optimizer, method buffers, step, RNG states; the stream position and the LR/WD
+schedules follow from the step), so a run that was killed and resumed follows the trajectory of one
+that was not. What the loop carries between steps is one LoopState; SIGTERM is a StopRequest that
+the run installs and removes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -41,13 +44,44 @@ class TrainingError(RuntimeError):
     """Training cannot go on (diverged, nothing to resume); the message is one line."""
 
 
-_stop_signal = 0
+class StopRequest:
+    """SIGTERM during one run: `install()` makes a new request the handler, `restore()` puts the old one back.
+
+    The handler only records the signal: the step in flight finishes and every rank stops at the same
+    step boundary.
+    """
+
+    def __init__(self) -> None:
+        self.signal = 0
+        self.previous = None
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        stop = cls()
+        stop.previous = signal.signal(signal.SIGTERM, stop._record)
+        return stop
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _record(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self, control) -> bool:
+        """True on every rank as soon as any rank got SIGTERM (so all stop at the same step)."""
+        flag = torch.tensor([self.signal], dtype=torch.int32)
+        if distributed.is_dist():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        return bool(flag.item())
 
 
-def _request_stop(signum, frame) -> None:
-    # Only a flag: the step in flight finishes and every rank stops at the same step boundary.
-    global _stop_signal
-    _stop_signal = signum
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides weights, optimizer and RNG states."""
+    step: int                      # optimizer steps done
+    lr: float = 0.0                # the schedules of the latest step, logged with its interval
+    weight_decay: float = 0.0
+    last_good: str | None = None   # newest checkpoint written or resumed from, named when training diverges
 
 
 def setup_distributed() -> tuple[torch.device, dist.ProcessGroup | None]:
@@ -139,19 +173,24 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.device) -> dict:
-    """EER and minDCF of the current embedder on train.trials (rank 0; the others wait)."""
+    """EER and minDCF of the current embedder on train.trials (rank 0; the others wait).
+
+    Its outputs go to out_dir/val/step-N when out_dir is local, else to a temporary folder removed after.
+    """
     from voxstream.model.evaluate import EvalConfig, evaluate
 
-    shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST))
-    out = (Path(storage.filesystem(cfg.out_dir)[1]) / "val" if storage.is_local(cfg.out_dir)
-           else Path(tempfile.mkdtemp(prefix="voxstream-val-")))
+    shards = storage.exists(storage.join(cfg.trials_audio, MANIFEST), cfg.storage_options)
+    folder = (contextlib.nullcontext(Path(storage.filesystem(cfg.out_dir)[1]) / "val") if storage.is_local(cfg.out_dir)
+              else tempfile.TemporaryDirectory(prefix="voxstream-val-"))
     embedder = method.embedder()
     modes = [(m, m.training) for m in embedder.modules()]
     embedder.eval()
     try:
-        report = evaluate(embedder, EvalConfig(
-            trials=[cfg.trials], audio_root="" if shards else cfg.trials_audio,
-            shards=cfg.trials_audio if shards else "", out=str(out / f"step-{step:08d}"), device=str(device)))
+        with folder as out:
+            report = evaluate(embedder, EvalConfig(
+                trials=[cfg.trials], audio_root="" if shards else cfg.trials_audio,
+                shards=cfg.trials_audio if shards else "", out=str(Path(out) / f"step-{step:08d}"),
+                device=str(device), storage_options=cfg.storage_options))
     finally:
         for module, mode in modes:
             module.train(mode)
@@ -192,6 +231,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Au
     return loss, stats
 
 
+def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter,
+                     step: int, final: bool, log: MetricsLog | None, control) -> str:
+    """Every rank sends its step and RNG states; rank 0 writes; nobody goes on until the file exists."""
+    cfg, world = recipe.train, distributed.world_size()
+    mine = {"step": step, "rng": rng_state(augmenter)}
+    ranks = [mine] * world
+    if distributed.is_dist():
+        dist.all_gather_object(ranks, mine, group=control)
+    saved = None
+    if distributed.rank() == 0:
+        saved = save_checkpoint({"recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
+                                 "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world},
+                                cfg.out_dir, final, cfg.keep_last, cfg.storage_options)
+        log.sync()
+    if distributed.is_dist():
+        dist.barrier(group=control)
+    return saved or "rank 0's checkpoint"
+
+
+def log_interval(meter: Meter, state: LoopState, recipe: Recipe, log: MetricsLog | None, bar: tqdm) -> None:
+    """Averages since the last line; stops on a NaN/inf loss before anything is saved."""
+    first_step = state.step - len(meter.losses)
+    record, bad = meter.summarize(recipe.data.batch_size * distributed.world_size())
+    if bad is not None:
+        raise TrainingError(f"step {first_step + bad + 1}: loss is not finite; stopped without a checkpoint; "
+                            f"last good checkpoint: {state.last_good or 'none'}")
+    if log:
+        log.write({"step": state.step, "epoch": (state.step - 1) // recipe.data.steps_per_epoch, "lr": state.lr,
+                   "weight_decay": state.weight_decay, **record})
+        bar.set_postfix(loss=f"{record['loss']:.4f}", utt_s=f"{record['utt_per_s']:.0f}",
+                        wait=f"{record['data_wait']:.0%}", refresh=False)
+
+
 def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) -> int:
     cfg, data, optim, rank, world = recipe.train, recipe.data, recipe.optim, distributed.rank(), distributed.world_size()
     with storage_errors("train.out_dir"):
@@ -201,8 +273,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     with storage_errors("train.out_dir"):
         url = find_resume(recipe, resume)
         ckpt = read_checkpoint(url, cfg.storage_options) if url else None
-    step = start_step = ckpt["step"] if ckpt else 0
-    epoch, skip = divmod(step, steps_per_epoch)
+    start_step = ckpt["step"] if ckpt else 0
+    epoch, skip = divmod(start_step, steps_per_epoch)
     with storage_errors("data.train"):  # unreadable data fails here, before the model is built
         loader = make_loader(data, epoch, rank, world, start_step=skip)
 
@@ -228,104 +300,66 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         model = torch.compile(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
-    log = MetricsLog(cfg.out_dir, cfg.storage_options, step if url else None, cfg.tensorboard) if rank == 0 else None
+    log = (MetricsLog(cfg.out_dir, cfg.storage_options, start_step if url else None, cfg.tensorboard)
+           if rank == 0 else None)
     if rank == 0:
-        where = f"resuming from {url} at step {step}" if url else "starting"
+        where = f"resuming from {url} at step {start_step}" if url else "starting"
         print(f"{where}: {total} steps ({cfg.epochs} epochs x {steps_per_epoch}) on {world} rank(s), "
               f"{device.type}, out_dir {cfg.out_dir}", file=sys.stderr)
-    bar = tqdm(total=total, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    previous = signal.signal(signal.SIGTERM, _request_stop)
-    meter, run_started, last_good, lr, wd = Meter(device), time.perf_counter(), url, 0.0, 0.0
-
-    def checkpoint(final: bool) -> str:
-        """Every rank sends its step and RNG states; rank 0 writes; nobody goes on until the file exists."""
-        mine = {"step": step, "rng": rng_state(augmenter)}
-        ranks = [mine] * world
-        if distributed.is_dist():
-            dist.all_gather_object(ranks, mine, group=control)
-        saved = None
-        if rank == 0:
-            saved = save_checkpoint({
-                "recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
-                "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
-                "stream": {"seed": data.seed, "epoch": step // steps_per_epoch, "step": step % steps_per_epoch},
-                "schedules": {"lr": lr, "weight_decay": wd}}, cfg.out_dir, final, cfg.keep_last, cfg.storage_options)
-            log.sync()
-        if distributed.is_dist():
-            dist.barrier(group=control)
-        return saved or "rank 0's checkpoint"
-
-    def log_interval() -> None:
-        """Averages since the last line; stops on a NaN/inf loss before anything is saved."""
-        first_step = step - len(meter.losses)
-        record, bad = meter.summarize(utterances_per_step)
-        if bad is not None:
-            raise TrainingError(f"step {first_step + bad + 1}: loss is not finite; stopped without a checkpoint; "
-                                f"last good checkpoint: {last_good or 'none'}")
-        record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "weight_decay": wd, **record}
-        if log:
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", utt_s=f"{record['utt_per_s']:.0f}",
-                            wait=f"{record['data_wait']:.0%}", refresh=False)
-
+    state, meter, run_started = LoopState(start_step, last_good=url), Meter(device), time.perf_counter()
+    stop = StopRequest.install()  # this run's SIGTERM handler, until `finally` restores the previous one
     try:
-        while step < total:
+        while state.step < total:
             if loader is None:  # the first epoch's was made before the model, to fail fast
-                loader = make_loader(data, step // steps_per_epoch, rank, world, start_step=0)
+                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0)
             fetched = time.perf_counter()
             for batch in loader:
                 meter.waited += time.perf_counter() - fetched
-                lr = warmup_cosine(step, total, warmup, optim.lr, optim.final_lr)
-                wd = cosine(step, total, optim.weight_decay, optim.final_weight_decay)
-                set_schedules(optimizer, lr, wd)
+                state.lr = warmup_cosine(state.step, total, warmup, optim.lr, optim.final_lr)
+                state.weight_decay = cosine(state.step, total, optim.weight_decay, optim.final_weight_decay)
+                set_schedules(optimizer, state.lr, state.weight_decay)
                 views = views_to_device(batch, device)
                 loss, stats = train_step(model, optimizer, augmenter, views, group_ids(batch, device), autocast,
                                          optim.grad_clip)
-                method.after_step(step, total)
-                step += 1
+                method.after_step(state.step, total)
+                state.step += 1
                 meter.add(loss, stats)
                 bar.update()
 
-                stopping = _stop_requested(control)
-                periodic = step % cfg.ckpt_every == 0 and step < total
-                if step % cfg.log_every == 0 or periodic or stopping or step == total:
-                    log_interval()
-                if cfg.trials and (step == total or cfg.val_every and step % cfg.val_every == 0):
+                stopping = stop.requested(control)
+                periodic = state.step % cfg.ckpt_every == 0 and state.step < total
+                if state.step % cfg.log_every == 0 or periodic or stopping or state.step == total:
+                    log_interval(meter, state, recipe, log, bar)
+                if cfg.trials and (state.step == total or cfg.val_every and state.step % cfg.val_every == 0):
                     if log:
-                        log.write({"step": step, **validate(method, cfg, step, device)})
+                        log.write({"step": state.step, **validate(method, cfg, state.step, device)})
                     if distributed.is_dist():
                         dist.barrier(group=control)
                 if periodic or stopping:
-                    last_good = checkpoint(final=False)
+                    state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, state.step, False, log,
+                                                       control)
                 if stopping:
                     if rank == 0:
-                        tqdm.write(f"signal {_stop_signal or 'on another rank'}: saved {last_good} at step {step}; "
-                                   "exiting", file=sys.stderr)
-                    return step
+                        tqdm.write(f"signal {stop.signal or 'on another rank'}: saved {state.last_good} at step "
+                                   f"{state.step}; exiting", file=sys.stderr)
+                    return state.step
                 fetched = time.perf_counter()
             if log:  # rank 0's pipeline counters: skipped shards, repeated groups in a batch
-                log.write({"step": step, "epoch": (step - 1) // steps_per_epoch, "pipeline": loader.stats})
+                log.write({"step": state.step, "epoch": (state.step - 1) // steps_per_epoch, "pipeline": loader.stats})
             loader = None
-        if step > start_step:
-            last_good = checkpoint(final=True)
+        if state.step > start_step:
+            state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, state.step, True, log, control)
             if rank == 0:
-                steps, seconds = step - start_step, time.perf_counter() - run_started
+                steps, seconds = state.step - start_step, time.perf_counter() - run_started
                 tqdm.write(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s, "
                            f"{steps * utterances_per_step / seconds:.1f} utterances/s, data wait "
-                           f"{meter.total_waited / seconds:.1%} on rank 0); saved {last_good}", file=sys.stderr)
-        return step
+                           f"{meter.total_waited / seconds:.1%} on rank 0); saved {state.last_good}", file=sys.stderr)
+        return state.step
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop.restore()
         augmenter.close()
         bar.close()
         if log:
             log.close()
-
-
-def _stop_requested(control) -> bool:
-    """True on every rank as soon as any rank got SIGTERM (so all stop at the same step)."""
-    flag = torch.tensor([_stop_signal], dtype=torch.int32)
-    if distributed.is_dist():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-    return bool(flag.item())

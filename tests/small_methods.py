@@ -5,7 +5,8 @@ import torch
 
 from voices import utterances
 from voxstream.model.encoders import EncoderConfig
-from voxstream.model.methods import build_method, method_config
+from voxstream.model.methods import build_method
+from voxstream.model.recipe import method_config
 
 ENCODER = EncoderConfig("ecapa", channels=32, embed_dim=32)
 SMALL = {

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from voxstream.model.baseline import baseline_eers, mfcc_stats, score_trials
+from voxstream.model.evaluate import read_trials
 from voxstream.shards.rirsim import simulate_rir
 from voxstream.shards.synth.corpus import CorpusConfig, generate
 
@@ -80,20 +81,18 @@ def test_musan_and_rir_trees_are_readable(corpus):
 def test_trials_cover_test_speakers_only_with_correct_labels(corpus):
     summary = json.loads((corpus / "corpus.json").read_text())
     test, train = set(summary["test_speakers"]), set(summary["train_speakers"])
-    lines = [line.split() for line in (corpus / "trials.txt").read_text().splitlines()]
-    assert all(len(parts) == 3 for parts in lines)
-    pairs = [(a, b) for _, a, b in lines]
+    trials = read_trials(str(corpus / "trials.txt"))
+    pairs = list(zip(trials.enroll, trials.test))
     assert len(set(pairs)) == len(pairs)
     same_session = 0
-    for label, a, b in lines:
+    for label, (a, b) in zip(trials.labels, pairs):
         assert (corpus / "wav" / a).is_file() and (corpus / "wav" / b).is_file()
         spk_a, spk_b = a.split("/")[0], b.split("/")[0]
         assert {spk_a, spk_b} <= test and not {spk_a, spk_b} & train
-        assert label == ("1" if spk_a == spk_b else "0")
-        same_session += label == "1" and a.split("/")[1] == b.split("/")[1]
-    targets = sum(label == "1" for label, _, _ in lines)
+        assert label == (spk_a == spk_b)
+        same_session += label == 1 and a.split("/")[1] == b.split("/")[1]
     # every target pair of 3 speakers x 4 utterances: 3 x 6, of which 3 x 2 within a session
-    assert (targets, same_session, len(lines)) == (18, 6, 36)
+    assert (trials.labels.sum(), same_session, len(pairs)) == (18, 6, 36)
     assert summary["trials"] == 36 and summary["utterances"] == 20
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from voices import SR, utterances, voices
 from voxstream.model import metrics, scoring
+from voxstream.model.checkpoint import CHECKPOINT_FORMAT
 from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
 from voxstream.model.evaluate import EvalConfig, evaluate, read_trials, speaker_similarity
 from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
@@ -204,6 +205,22 @@ def corpus(tmp_path_factory):
     return root, waves, ids, trials
 
 
+def test_the_baseline_and_the_evaluator_read_one_trial_list_alike(corpus, tmp_path):
+    from voxstream.model.baseline import score_trials
+
+    root, _, ids, _ = corpus
+    lines = _write_trials(tmp_path / "t.txt", ids[:6]).read_text().splitlines()
+    path = tmp_path / "blank.txt"
+    path.write_text("\n".join(lines[:4] + ["", "  "] + lines[4:]) + "\n\n")
+    t = read_trials(str(path))
+    scores, labels, _ = score_trials(path, root)
+    assert len(t.labels) == len(scores) == len(lines) and labels.tolist() == t.labels.tolist()
+    path.write_text("\n".join(lines[:4] + ["", "1 only-one-id"]) + "\n")
+    for read in (read_trials, lambda p: score_trials(p, root)):
+        with pytest.raises(ValueError, match=r"blank.txt:6: expected 'label enroll test'"):
+            read(str(path))
+
+
 def _expected_scores(embedder: nn.Module, waves: dict, trials_path: Path, step: int = 1600) -> np.ndarray:
     """Each utterance embedded alone (floored to the length step), then cosine: no batching at all."""
     t = read_trials(str(trials_path))
@@ -348,9 +365,9 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
     """The real path: a checkpoint (small ECAPA, SimCLR) through tools/evaluate.py, then --untrained."""
     from dataclasses import asdict
 
-    from voxstream.model.checkpoint import CHECKPOINT_FORMAT
     from voxstream.model.encoders import EncoderConfig
-    from voxstream.model.methods import build_method, method_config
+    from voxstream.model.methods import build_method
+    from voxstream.model.recipe import method_config
 
     root, waves, ids, _ = corpus
     trials = _write_trials(tmp_path / "small.txt", ids[::2])   # 8 utterances, 4 speakers: keeps ECAPA quick
@@ -375,6 +392,19 @@ def test_command_line_evaluates_a_checkpoint_and_its_untrained_encoder(corpus, t
     assert trained["fingerprint"] == model_fingerprint(method.embedder())[:16] != init["fingerprint"]
     scores, _ = _read_scores(tmp_path / "trained" / "scores-small.txt")
     np.testing.assert_allclose(scores, _expected_scores(method.embedder().eval(), waves, trials), atol=1e-4)
+
+
+def test_a_checkpoint_whose_recipe_no_longer_validates_is_one_line_naming_it(corpus, tmp_path, capsys):
+    root, _, _, trials = corpus
+    ckpt = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "method": {},
+                "recipe": {"model": {"name": "ecapa", "chanels": 32}, "method": {"name": "simclr"}}}, ckpt)
+    for untrained in ([], ["--untrained"]):
+        rc = evaluate_tool.main(["--checkpoint", str(ckpt), *untrained, "--trials", str(trials),
+                                 "--audio-root", str(root)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert f"{ckpt}: the checkpoint's recipe does not validate: model.chanels: unknown key" in err[0]
 
 
 def test_untrained_encoder_from_a_recipe_is_reproducible(tmp_path):

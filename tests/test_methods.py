@@ -12,7 +12,6 @@ import torch.distributed as dist
 from ranks import run_ranks
 from small_methods import METHODS, make, views_for
 from voices import voices
-from voxstream.model.methods import method_config
 from voxstream.model.methods.simclr import nt_xent
 
 GROUPS = torch.tensor([0, 1, 1, 2, 3, 0, 4, 5])  # repeats within a rank and across the two
@@ -208,14 +207,6 @@ def test_dino_prototypes_are_frozen_at_first():
     method.after_step(10, 100)
     method(batch("dino"))[0].backward()
     assert method.head.last_layer.weight.grad.abs().sum() > 0
-
-
-def test_method_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"method\.tempreature.*valid keys: name, temperature"):
-        method_config({"name": "simclr", "tempreature": 0.1})
-    with pytest.raises(ValueError, match="method.name='byol'"):
-        method_config({"name": "byol"})
-    assert method_config({"name": "moco", "queue_size": 128}).queue_size == 128
 
 
 def test_state_dict_carries_queue_and_center():

@@ -1,12 +1,13 @@
 """Recipes: YAML + key=value overrides into dataclasses, one-line errors; LR/WD schedules."""
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
-from voxstream.model.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from voxstream.model.recipe import RecipeError, load_recipe, method_config, recipe_from_dict, recipe_to_dict
 from voxstream.model.schedules import cosine, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,29 @@ def test_bad_keys_and_types_name_the_key(recipe_file, override, message):
         load_recipe(str(recipe_file), [override])
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_method_section_becomes_the_named_methods_config():
+    moco = method_config({"name": "moco", "queue_size": 128})
+    assert type(moco).__module__ == "voxstream.model.methods.moco" and moco.queue_size == 128
+    with pytest.raises(RecipeError, match=r"^method\.queue_size: unknown key; valid keys: name, temperature"):
+        method_config({"name": "simclr", "queue_size": 128})   # MoCo's key is not SimCLR's
+    with pytest.raises(RecipeError, match=r"^method\.name: expected one of simclr, .*, got 'byol'"):
+        method_config({"name": "byol"})
+
+
+def test_the_method_registry_imports_nothing_above_it():
+    """recipe.py reads `method:` sections through the registry: an import back, even inside a function, is a cycle."""
+    above = {f"voxstream.model.{m}" for m in ("recipe", "checkpoint", "train", "evaluate")}
+    for path in sorted((ROOT / "model" / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            else:
+                continue
+            assert not names & above, f"{path.name}:{node.lineno} imports {sorted(names & above)}"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 import yaml
 
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
-from voxstream.model.recipe import load_recipe
-from voxstream.model.train import TrainingError, train
+from voxstream.model.methods import build_method
+from voxstream.model.recipe import TrainConfig, load_recipe, recipe_from_dict
+from voxstream.model.train import TrainingError, train, validate
 from voxstream.pipeline.banks import write_clip_set
 from voxstream.shards import storage
 from voxstream.shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
@@ -162,7 +164,7 @@ def test_two_ranks_stream_from_s3_and_the_checkpoint_loads(reference):
     assert ckpt["step"] == TOTAL and [r["step"] for r in ckpt["ranks"]] == [TOTAL, TOTAL]
     assert [p.name for p in sorted(run.glob("ckpt-*.pt"))] == ["ckpt-00000008.pt", "ckpt-00000016.pt"]
     method, saved = load_method(str(run / "last.pt"))
-    assert saved["data"]["train"].startswith("s3://") and saved["train"]["epochs"] == EPOCHS
+    assert saved.data.train.startswith("s3://") and saved.train.epochs == EPOCHS
     with torch.no_grad():
         emb = method.embedder()(torch.randn(2, SAMPLE_RATE))
     assert emb.shape == (2, 16) and torch.isfinite(emb).all()
@@ -244,8 +246,12 @@ def local_sets(tmp_path):
 def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_sets, tmp_path):
     recipe = tiny_recipe(tmp_path, local_sets)
     run = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
     assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0"])) == STEPS_PER_EPOCH
+    assert signal.getsignal(signal.SIGTERM) is handler, "the run's SIGTERM handler is removed when it ends"
     assert latest_checkpoint(str(run)) == str(run / "last.pt")
+    assert sorted(read_checkpoint(str(run / "last.pt"))) == [  # the layout checkpoint.py documents
+        "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
     method, _ = load_method(str(run / "last.pt"))
     assert all(torch.isfinite(p).all() for p in method.parameters())
     # Resumed with a learning rate that blows the weights up: stopped, named, nothing written.
@@ -255,6 +261,7 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     bad_step = int(message.split()[1].rstrip(":"))
     assert STEPS_PER_EPOCH < bad_step <= 2 * STEPS_PER_EPOCH and "not finite" in message
     assert message.endswith(f"last good checkpoint: {run / 'last.pt'}")
+    assert signal.getsignal(signal.SIGTERM) is handler
     assert sorted(p.name for p in run.glob("*.pt")) == ["last.pt"]
     assert read_checkpoint(str(run / "last.pt"))["step"] == STEPS_PER_EPOCH
     assert max(losses(run)) < bad_step
@@ -276,3 +283,27 @@ def test_checkpoints_keep_the_last_k_and_last_pt_is_the_newest(where, tmp_path, 
     save_checkpoint({"step": 60}, out, keep_last=2)  # training on past a finished run: last.pt is stale now
     assert names() == ["ckpt-00000040.pt", "ckpt-00000060.pt"]
     assert torch.equal(read_checkpoint(storage.join(out, "ckpt-00000040.pt"))["w"], torch.full((3,), 40.0))
+
+
+def test_validation_with_a_remote_out_dir_reads_s3_with_its_options_and_leaves_no_folder(s3_server, s3_url,
+                                                                                          tmp_path, monkeypatch):
+    write_speech_set(f"{s3_url}/speech", speakers=4, sessions=1, utts=2, shards=1)
+    ids = [f"spk{s}/s{s}v0/{u:05d}.wav" for s in range(4) for u in range(2)]
+    trials = tmp_path / "trials.txt"
+    trials.write_text("".join(f"{int(a[:4] == b[:4])} {a} {b}\n" for i, a in enumerate(ids) for b in ids[i + 1:]))
+    recipe = recipe_from_dict({"model": {"name": "ecapa", "channels": 16, "embed_dim": 16, "n_mels": 24},
+                               "method": {"name": "simclr"}})
+    torch.manual_seed(0)
+    method = build_method(recipe.model, recipe.method)
+    # Only train.storage_options lead to the server: the environment points at a closed port.
+    for name in s3_server.env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    cfg = TrainConfig(out_dir=f"{s3_url}/run", trials=str(trials), trials_audio=f"{s3_url}/speech",
+                      storage_options=s3_server.storage_options())
+    temp = lambda: set(Path(tempfile.gettempdir()).glob("voxstream-val-*"))
+    before = temp()
+    result = validate(method, cfg, 10, torch.device("cpu"))
+    assert 0 <= result["val_eer"] <= 1 and 0 <= result["val_min_dcf_0.01"] <= 1
+    assert temp() == before
+    assert method.training, "validation puts the method back in training mode"

@@ -11,11 +11,14 @@ import time
 
 import torch
 
-from voxstream.model.encoders import Encoder, EncoderConfig
-from voxstream.model.methods import METHODS, build_method, method_config
+from voxstream.model.encoders import Encoder
+from voxstream.model.methods import METHODS, build_method
+from voxstream.model.recipe import recipe_from_dict
 
-ENCODERS = {"ecapa512": EncoderConfig("ecapa", 512, 192), "ecapa1024": EncoderConfig("ecapa", 1024, 192),
-            "resnet34": EncoderConfig("resnet34", 128, 256), "ecapa128": EncoderConfig("ecapa", 128, 128)}
+ENCODERS = {"ecapa512": {"name": "ecapa", "channels": 512, "embed_dim": 192},
+            "ecapa1024": {"name": "ecapa", "channels": 1024, "embed_dim": 192},
+            "resnet34": {"name": "resnet34", "channels": 128, "embed_dim": 256},
+            "ecapa128": {"name": "ecapa", "channels": 128, "embed_dim": 128}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,10 +89,10 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for enc_name in args.encoders.split(","):
-        enc_cfg = ENCODERS[enc_name]
         for name in args.methods.split(","):
+            recipe = recipe_from_dict({"model": ENCODERS[enc_name], "method": {"name": name}})  # the defaults
             torch.manual_seed(0)
-            method = build_method(enc_cfg, method_config({"name": name})).to(device).train()
+            method = build_method(recipe.model, recipe.method).to(device).train()
             views = views_for(name, args, device)
             base = time_steps(train_step(BareEncoder(method.encoder), views, device), args, device)
             eager = time_steps(train_step(method, views, device, method.after_step), args, device)
