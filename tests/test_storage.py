@@ -61,6 +61,24 @@ def test_manifest_round_trip(where, tmp_path, request):
     assert [m["utt"] for _, m, _ in fmt.iter_samples(shard_url)] == ["u0", "u1", "u2"]
 
 
+def test_keys_too_long_for_the_name_field_read_back_with_every_reader(tmp_path):
+    """Keys past tar's 100-character name field go to the ustar prefix field, which webdataset's reader,
+    ours and the loader workers' random-entry reader all parse (the workers' reader skips pax headers)."""
+    import webdataset as wds
+
+    samples = [(fmt.sample_key("corpus", "s" * 60, "t" * 60, f"u{i}"), meta, flac) for i, (_, meta, flac, _)
+               in enumerate(_samples())]
+    keys = [k for k, _, _ in samples]
+    assert len(keys[0]) > 100
+    data, _ = fmt.build_shard(samples, "x-000000.tar")
+    path = tmp_path / "x-000000.tar"
+    path.write_bytes(data)
+    assert [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)] == keys
+    assert [k for k, _ in fmt.iter_tar(io.BytesIO(data))] == keys
+    (shard,) = resolve(str(path)).shards
+    assert sorted(k for k, _, _ in visit(shard, np.random.default_rng(0), None, Counter(), Retry())) == keys
+
+
 def _flaky(fails: int, error: OSError = ConnectionResetError("connection reset by peer")):
     """An action that fails `fails` times, then returns how many calls it took."""
     calls = []
