@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from voxstream.shards import storage
-from voxstream.shards.storage import Retry
 from voxstream.shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
 
