@@ -34,9 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from voxstream.shards.format import SAMPLE_RATE, decode_audio, iter_samples, sample_key, shard_urls
+from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
-SHARD_ATTEMPTS = 3
 
 
 @dataclass
@@ -117,35 +117,34 @@ class FolderAudio:
 class ShardAudio:
     """Selected samples of a shard set: `select(key)` gives the sample's id, or None to skip it.
 
-    An unreadable shard is retried, then skipped and listed in `failed` (its ids then show up as
+    A transient read error is retried (`retry`), resuming after the samples already read; a shard
+    that stays unreadable, or is not a tar, is skipped and listed in `failed` (its ids then show up as
     missing in the caller). Two keys selecting the same id is an error: the mapping is ambiguous.
     """
 
     def __init__(self, url: str, select: Callable[[str], str | None], limit: int = 0,
-                 workers: int = 4, storage_options: dict | None = None):
+                 workers: int = 4, storage_options: dict | None = None, retry: Retry = Retry()):
         self.url, self.select, self.limit = url, select, limit
-        self.workers, self.storage_options = workers, storage_options
+        self.workers, self.storage_options, self.retry = workers, storage_options, retry
         self.failed: list[str] = []
 
     def _samples(self) -> Iterator[tuple[str, str, bytes]]:
         taken: dict[str, str] = {}
         for shard in shard_urls(self.url, self.storage_options):
-            for attempt in range(1, SHARD_ATTEMPTS + 1):
-                try:
-                    for key, _meta, flac in iter_samples(shard, self.storage_options):
-                        ident = self.select(key)
-                        if ident is None or taken.get(ident) == key:   # skipped, or already read before a retry
-                            continue
-                        if ident in taken:
-                            raise ValueError(f"{self.url}: samples {taken[ident]} and {key} both match {ident}")
-                        taken[ident] = key
-                        yield ident, key, flac
-                        if self.limit and len(taken) >= self.limit:
-                            return
-                    break
-                except (OSError, tarfile.TarError) as e:
-                    log.warning("%s: read failed (attempt %d/%d): %s", shard, attempt, SHARD_ATTEMPTS, e)
-            else:
+            try:
+                for key, _meta, flac in self.retry.iterate(lambda: iter_samples(shard, self.storage_options),
+                                                           f"read {shard}"):
+                    ident = self.select(key)
+                    if ident is None:
+                        continue
+                    if ident in taken:
+                        raise ValueError(f"{self.url}: samples {taken[ident]} and {key} both match {ident}")
+                    taken[ident] = key
+                    yield ident, key, flac
+                    if self.limit and len(taken) >= self.limit:
+                        return
+            except (OSError, tarfile.TarError) as e:
+                log.warning("%s: shard skipped: %s", shard, e)
                 self.failed.append(shard)
         if self.failed:
             log.warning("%s: skipped %d unreadable shard(s)", self.url, len(self.failed))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from dataclasses import asdict
 from typing import Callable, Iterator
 
@@ -26,12 +25,12 @@ import torch
 from voxstream.shards import storage
 from voxstream.shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
                            sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
 
 KINDS = ("noise", "music", "speech", "rir")
 NOISE_KINDS = ("noise", "music", "speech")
-RETRIES = 3
 
 Rows = Callable[[np.ndarray, int], list[np.ndarray]]
 
@@ -61,33 +60,24 @@ def rir_rows(wave: np.ndarray, length: int) -> list[np.ndarray]:
     return [] if rir is None else [np.pad(rir[:length], (0, max(0, length - rir.size)))]
 
 
-def _shard_samples(url: str, storage_options: dict | None) -> Iterator[tuple[str, dict, bytes]]:
-    """Samples of one shard; opening is retried, and a shard that keeps failing is skipped (logged)."""
-    for attempt in range(RETRIES):
-        read = 0
-        try:
-            for sample in iter_samples(url, storage_options):
-                read += 1
-                yield sample
-            return
-        except OSError as e:
-            if read:  # re-reading would repeat samples already used: skip the rest
-                log.warning("bank: %s failed after %d samples (%s); rest of shard skipped", url, read, e)
-                return
-            log.warning("bank: %s failed (%s), attempt %d/%d", url, e, attempt + 1, RETRIES)
-            time.sleep(0.5 * (attempt + 1))
-    log.error("bank: %s skipped after %d failed attempts", url, RETRIES)
+def _shard_samples(url: str, storage_options: dict | None, retry: Retry) -> Iterator[tuple[str, dict, bytes]]:
+    """Samples of one shard, read again past a transient error (no sample twice); a shard that keeps
+    failing is skipped from where it failed (logged)."""
+    try:
+        yield from retry.iterate(lambda: iter_samples(url, storage_options), f"read {url}")
+    except OSError as e:
+        log.error("bank: shard skipped: %s", e)
 
 
 def stream_rows(url: str, kinds: tuple[str, ...], length: int, cut: Rows, seed: int,
-                storage_options: dict | None = None) -> Iterator[tuple[int, np.ndarray] | None]:
+                storage_options: dict | None, retry: Retry) -> Iterator[tuple[int, np.ndarray] | None]:
     """(kind index, row) for the set's clips of `kinds`, pass after pass, each pass in a fresh
     shard order; None marks the end of a pass."""
     urls = shard_urls(url, storage_options)
     rng = np.random.default_rng(seed)
     for _ in itertools.count():
         for shard in rng.permutation(urls):
-            for key, meta, flac in _shard_samples(str(shard), storage_options):
+            for key, meta, flac in _shard_samples(str(shard), storage_options, retry):
                 kind = meta.get("kind")
                 if kind not in KINDS:
                     raise ValueError(f"{shard}: sample {key} has kind {kind!r}, expected one of {KINDS} "
@@ -116,13 +106,15 @@ class Bank:
 
     @classmethod
     def from_shards(cls, url: str, kinds: tuple[str, ...], length: int, budget_bytes: int,
-                    device: torch.device | str, seed: int = 0, storage_options: dict | None = None) -> "Bank":
-        """Fill a bank with the set's clips of `kinds`, up to `budget_bytes` of samples."""
+                    device: torch.device | str, seed: int = 0, storage_options: dict | None = None,
+                    retry: Retry = Retry()) -> "Bank":
+        """Fill a bank with the set's clips of `kinds`, up to `budget_bytes` of samples; `retry` is how
+        shard reads are retried (here and in the refresh)."""
         capacity = budget_bytes // (2 * length)
         if capacity < 1:
             raise ValueError(f"bank for {url}: budget {budget_bytes} bytes holds no row of {length} samples")
         cut = rir_rows if kinds == ("rir",) else noise_rows
-        stream = stream_rows(url, kinds, length, cut, seed, storage_options)
+        stream = stream_rows(url, kinds, length, cut, seed, storage_options, retry)
         rows, row_kinds = [], []
         for item in stream:
             if item is None:  # the whole set fits: nothing left to refresh from

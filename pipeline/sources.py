@@ -1,4 +1,4 @@
-"""Where training shards come from: URL specs resolved to shard lists, and a fork-safe, retrying opener.
+"""Where training shards come from: URL specs resolved to shard lists, and a fork-safe opener.
 
 A spec is a shard-set prefix (its manifest lists the shards and their sizes), a brace pattern
 (`s3://b/vox-{000000..000099}.tar`, several joined by `::`), a single `.tar` URL, or a list of these. Several specs can be
@@ -8,24 +8,15 @@ and event loop belong to its parent.
 """
 from __future__ import annotations
 
-import logging
 import os
-import random
-import time
 from dataclasses import dataclass
-from typing import IO, Callable, TypeVar
+from typing import IO
 
 import fsspec
 from braceexpand import braceexpand
 
 from voxstream.shards import format as shard_format
 from voxstream.shards import storage
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# Errors that retrying cannot fix: the object is missing or forbidden.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -94,18 +85,3 @@ def open_shard(url: str, storage_options: dict | None = None, block_size: int = 
         return fs.open(path, "rb")
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
 
-
-def with_retries(action: Callable[[], T], what: str, attempts: int = 5, backoff: float = 0.5) -> T:
-    """Run `action`, retrying transient I/O errors with exponential backoff and jitter."""
-    for attempt in range(attempts):
-        try:
-            return action()
-        except PERMANENT:
-            raise
-        except OSError as e:
-            if attempt == attempts - 1:
-                raise
-            delay = backoff * 2 ** attempt * (0.5 + random.random())
-            log.warning("%s: %s; retry %d/%d in %.1fs", what, e, attempt + 1, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")

@@ -9,8 +9,9 @@ steps be seeded on its own (see loader.py) without favouring the first samples o
 four workers share one shard without reading the same window.
 
 A shard that cannot be read (missing, truncated, not a tar, wrong size) is retried for transient I/O
-errors, then skipped and counted in `stats["shards_skipped"]` (logged with its URL); with `strict`
-it raises instead. Samples lacking a .flac or .json member are skipped and counted too.
+errors (by the `retry` policy, storage.Retry), then skipped and counted in `stats["shards_skipped"]`
+(logged with its URL); with `strict` it raises instead. Samples lacking a .flac or .json member are
+skipped and counted too.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from voxstream.pipeline.sources import Corpus, Shard, open_shard, with_retries
+from voxstream.pipeline.sources import Corpus, Shard, open_shard
+from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,9 @@ def _split(name: str) -> tuple[str, str]:
 class _ShardFile:
     """Positioned reads of one shard; a transient error reopens the shard and reads again."""
 
-    def __init__(self, shard: Shard, storage_options: dict | None):
-        self.shard, self.options = shard, storage_options
-        self.file: IO[bytes] = with_retries(self._open, f"open {shard.url}")
+    def __init__(self, shard: Shard, storage_options: dict | None, retry: Retry):
+        self.shard, self.options, self.retry = shard, storage_options, retry
+        self.file: IO[bytes] | None = retry.call(self._open, f"open {shard.url}")
         self.size: int = self.file.size
         if shard.size is not None and shard.size != self.size:
             self.file.close()
@@ -80,17 +82,20 @@ class _ShardFile:
 
     def read(self, pos: int, n: int) -> bytes:
         def attempt() -> bytes:
+            if self.file is None:  # the previous attempt failed: a fresh connection, inside the retry
+                self.file = self._open()
             try:
                 self.file.seek(pos)
                 return self.file.read(n)
             except OSError:
-                self.file.close()
-                self.file = self._open()
+                self.close()
                 raise
-        return with_retries(attempt, f"read {self.shard.url} at {pos}")
+        return self.retry.call(attempt, f"read {self.shard.url} at {pos}")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def resync(self, pos: int) -> int:
         """Offset of the first valid tar header at or after block offset `pos` (the size if none)."""
@@ -154,10 +159,11 @@ def _complete(pos: int, key: str, parts: dict[str, bytes], url: str, stats: Coun
     yield pos, (key, meta, parts["flac"])
 
 
-def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: Counter) -> Iterator[Sample]:
+def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: Counter,
+          retry: Retry) -> Iterator[Sample]:
     """Every sample of one shard once, from the first group boundary after a random block, wrapping
     around. Starting at a group boundary keeps groups whole for cross-utterance views."""
-    f = _ShardFile(shard, storage_options)
+    f = _ShardFile(shard, storage_options, retry)
     try:
         entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
         ahead = _samples(f.members(entry, f.size), shard.url, stats)
@@ -176,7 +182,7 @@ def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, 
 
 
 def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None,
-                   strict: bool, stats: Counter) -> Iterator[Sample]:
+                   strict: bool, stats: Counter, retry: Retry) -> Iterator[Sample]:
     """An endless stream of samples from random visits of the corpus's shards."""
     barren = 0  # consecutive visits that gave nothing: all shards broken must fail, not spin
     while True:
@@ -184,7 +190,7 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
         stats["shards_opened"] += 1
         got = 0
         try:
-            for sample in visit(shard, rng, storage_options, stats):
+            for sample in visit(shard, rng, storage_options, stats, retry):
                 got += 1
                 stats["samples_read"] += 1
                 yield sample
@@ -199,9 +205,10 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
 
 
 def mixed_samples(corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
-                  storage_options: dict | None, strict: bool, stats: Counter) -> Iterator[Sample]:
+                  storage_options: dict | None, strict: bool, stats: Counter,
+                  retry: Retry = Retry()) -> Iterator[Sample]:
     """Samples drawn from the corpora with the given probabilities, one choice per sample."""
-    streams = [corpus_samples(c, rng, storage_options, strict, stats) for c in corpora]
+    streams = [corpus_samples(c, rng, storage_options, strict, stats, retry) for c in corpora]
     try:
         if len(streams) == 1:
             yield from streams[0]

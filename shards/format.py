@@ -1,8 +1,14 @@
 """The shard format (version 1), shared by every writer and reader.
 
 A shard is an uncompressed tar of WebDataset samples, one per utterance, with members
-`<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata). `manifest.json` beside the
+`<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata), in ustar headers (a key too long
+for the name field goes to the ustar prefix field, never to a pax header). `manifest.json` beside the
 shards describes the complete set and is written last: its presence means the set is complete.
+
+Shards are written with webdataset's TarWriter, imported inside build_shard because webdataset imports
+torch and the torch-free loader workers import this module. Reading stays torch-free: `iter_tar`
+reads a shard whole (verify's processes, banks, evaluation), the loader workers read from random
+entry points (pipeline/stream.py).
 """
 from __future__ import annotations
 
@@ -75,25 +81,20 @@ class ShardStats:
     sha256: str = ""
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # Fixed metadata makes shards byte-identical across runs, so a resumed run equals a fresh one.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def build_shard(samples: list[tuple[str, dict, bytes]], name: str) -> tuple[bytes, ShardStats]:
     """Tar bytes and stats for samples (key, meta, flac), in order. Groups must already be contiguous."""
+    from webdataset import TarWriter
+
     buf = io.BytesIO()
     stats = ShardStats(name=name)
     last_group = object()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # Fixed metadata makes shards byte-identical across runs, so a resumed run equals a fresh one.
+    with TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False) as tar:
+        # webdataset (1.0.2) accepts `format` but never hands it to tarfile, whose default, pax, would
+        # put a key longer than 100 characters in an extended header that the workers' reader skips.
+        tar.tarstream.format = tarfile.USTAR_FORMAT
         for key, meta, flac in samples:
-            _tar_member(tar, f"{key}.flac", flac)
-            _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            tar.write({"__key__": key, "flac": flac, "json": json.dumps(meta, sort_keys=True).encode()})
             stats.samples += 1
             stats.groups += meta.get("group") != last_group
             last_group = meta.get("group")

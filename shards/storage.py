@@ -1,4 +1,5 @@
-"""Where shards live: any fsspec URL (local path, file://, s3://, gs://...), written atomically.
+"""Where shards live: any fsspec URL (local path, file://, s3://, gs://...), written atomically, and
+the one retry policy for reading and writing them.
 
 S3 endpoints and credentials come from the standard AWS_* variables (AWS_ENDPOINT_URL_S3 included)
 or from explicit storage options; filesystem objects are made per call site, never shared across forks.
@@ -7,11 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import random
+import time
 import uuid
-from typing import IO, Iterator
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _s3_defaults(options: dict) -> dict:
@@ -86,3 +94,55 @@ def read_json(url: str, storage_options: dict | None = None):
 def exists(url: str, storage_options: dict | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
+
+
+# Errors that retrying cannot fix: the object is missing or forbidden.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How storage I/O is retried: transient errors (OSError but not PERMANENT) up to `attempts` tries
+    in all, sleeping `backoff` seconds before the first retry and twice as long before each next one,
+    jittered by x0.5-1.5 so that workers that failed together do not retry together. Every retry is
+    logged; giving up raises an OSError naming what was tried, caused by the last error."""
+    attempts: int = 5
+    backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0:
+            raise ValueError(f"retry: attempts {self.attempts} must be >= 1 and backoff {self.backoff} >= 0")
+
+    def call(self, action: Callable[[], T], what: str) -> T:
+        """action(), retried."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except OSError as e:
+                self._wait(e, attempt, what)
+        raise AssertionError("unreachable")
+
+    def iterate(self, items: Callable[[], Iterable[T]], what: str) -> Iterator[T]:
+        """The items of items(); a transient error starts it again and resumes after the items already
+        given, so a consumer sees each item once (a sequential read of a shard, say)."""
+        given, attempt = 0, 1
+        while True:
+            try:
+                for i, item in enumerate(items()):
+                    if i == given:
+                        given += 1
+                        yield item
+                return
+            except OSError as e:
+                self._wait(e, attempt, what)
+                attempt += 1
+
+    def _wait(self, error: OSError, attempt: int, what: str) -> None:
+        """Sleep before the next attempt, or raise: a permanent error at once, any after the last attempt."""
+        if isinstance(error, PERMANENT):
+            raise error
+        if attempt >= self.attempts:
+            raise OSError(f"{what}: gave up after {attempt} attempts: {error}") from error
+        delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+        log.warning("%s: %s; attempt %d/%d failed, retrying in %.2f s", what, error, attempt, self.attempts, delay)
+        time.sleep(delay)

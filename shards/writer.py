@@ -15,22 +15,22 @@ import hashlib
 import json
 import multiprocessing
 import os
-import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from voxstream.shards import storage
 from voxstream.shards.audio import Rejected, check, cut_points, to_16k
 from voxstream.shards.corpora import BadInput, Item, Listing, Reader
 from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
     read_manifest, shard_name, write_manifest
+from voxstream.shards.storage import Retry
 
 PROGRESS = "_progress.json"
-RETRY_DELAYS = (1.0, 4.0)  # seconds before the 2nd and 3rd attempt at writing an object
 
 Sample = tuple[str, dict, bytes]
 
@@ -46,6 +46,7 @@ class WriteConfig:
     max_duration: float | None = None  # seconds; longer inputs are cut at quiet points
     resume: bool = False
     storage_options: dict = field(default_factory=dict)
+    retry: Retry = Retry()             # how writing a shard or the progress file is retried
 
 
 @dataclass
@@ -130,17 +131,6 @@ def _tar_cost(sample: Sample) -> int:
     return sum(512 + -(-n // 512) * 512 for n in (len(sample[2]), meta_len))
 
 
-def _retry(fn, what: str):
-    for delay in (*RETRY_DELAYS, None):
-        try:
-            return fn()
-        except OSError as e:
-            if delay is None:
-                raise OSError(f"{what}: {e} (gave up after {len(RETRY_DELAYS) + 1} attempts)") from e
-            tqdm.write(f"{what}: {e}; retrying in {delay:.0f} s")
-            time.sleep(delay)
-
-
 class _Progress:
     """Finished shard records and rejections so far, saved after every shard so a run can resume."""
 
@@ -152,7 +142,7 @@ class _Progress:
 
     def save(self, shards: list[dict], rejected: list[tuple[int, dict]]) -> None:
         state = {"fingerprint": self.fingerprint, "shards": shards, "rejected": rejected}
-        _retry(lambda: storage.write_json(self.url, state, self.cfg.storage_options), self.url)
+        self.cfg.retry.call(lambda: storage.write_json(self.url, state, self.cfg.storage_options), f"write {self.url}")
 
     def restore(self) -> int:
         """Keep the verified shards up to the last that ends at a group boundary; return that group."""
@@ -215,7 +205,7 @@ class _Packer:
 
     def _write(self, data: bytes, name: str, snapshot) -> None:
         url = storage.join(self.cfg.out, name)
-        _retry(lambda: storage.write_bytes(url, data, self.cfg.storage_options), url)
+        self.cfg.retry.call(lambda: storage.write_bytes(url, data, self.cfg.storage_options), f"write {url}")
         self.progress.save(*snapshot)
 
     def wait(self) -> None:
@@ -258,7 +248,8 @@ def write_shards(listing: Listing, cfg: WriteConfig) -> tuple[Manifest, list[dic
         _check_destination(cfg)
         start = 0
     spec = EncodeSpec(listing.corpus, listing.reader, listing.params.get("root"), cfg.min_duration, cfg.max_duration)
-    _encode_and_pack(groups, start, spec, cfg, progress)
+    with logging_redirect_tqdm():  # retry warnings print above the progress bar, not through it
+        _encode_and_pack(groups, start, spec, cfg, progress)
     rejected = listing.skipped + [r for _, r in progress.rejected]
     lines = "".join(json.dumps(r) + "\n" for r in rejected).encode()
     storage.write_bytes(storage.join(cfg.out, REJECTED), lines, cfg.storage_options)

@@ -159,10 +159,9 @@ def test_resume_after_failure_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert files_of(tmp_path / "resumed") == clean
 
 
-def test_transient_write_errors_are_retried(tmp_path, monkeypatch):
+def test_transient_write_errors_are_retried_as_the_flags_say(tmp_path, monkeypatch, capsys):
     root = tmp_path / "src"
     corpus(root, speakers=1, sessions=1)
-    monkeypatch.setattr(writer, "RETRY_DELAYS", (0.0, 0.0))
     real_write, calls = storage.write_bytes, []
 
     def flaky(url, data, storage_options=None):
@@ -172,8 +171,17 @@ def test_transient_write_errors_are_retried(tmp_path, monkeypatch):
         real_write(url, data, storage_options)
 
     monkeypatch.setattr(storage, "write_bytes", flaky)
-    assert run("folder", "--root", root, "--out", tmp_path / "out") == 0
+    args = ["folder", "--root", root, "--retry-backoff", "0"]
+    assert run(*args, "--out", tmp_path / "out", "--retry-attempts", "3") == 0
     assert verify(str(tmp_path / "out")).ok
+    shard = str(tmp_path / "out" / fmt.shard_name("folder", 0))
+    assert calls.count(shard) == 3
+    assert f"write {shard}: connection reset by peer; attempt 2/3 failed" in capsys.readouterr().err
+
+    assert run(*args, "--out", tmp_path / "again", "--retry-attempts", "2") == 1
+    shard = str(tmp_path / "again" / fmt.shard_name("folder", 0))
+    assert (f"write {shard}: gave up after 2 attempts: connection reset by peer; rerun with --resume"
+            in capsys.readouterr().err)
 
 
 def test_bad_inputs_are_rejected_with_reasons_and_good_ones_converted(tmp_path):

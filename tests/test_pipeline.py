@@ -255,29 +255,6 @@ def test_bad_config_is_one_clear_error(tmp_path):
         make_loader(config([str(tmp_path)], weights=[1, 2]), 0, 0, 1)
 
 
-def test_transient_errors_are_retried_and_missing_objects_are_not():
-    from voxstream.pipeline.sources import with_retries
-
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("reset by peer")
-        return "data"
-
-    assert with_retries(flaky, "flaky", backoff=0.001) == "data" and len(calls) == 3
-    calls.clear()
-
-    def missing():
-        calls.append(1)
-        raise FileNotFoundError("gone")
-
-    with pytest.raises(FileNotFoundError):
-        with_retries(missing, "missing", backoff=0.001)
-    assert len(calls) == 1
-
-
 def test_a_corpus_with_no_readable_shard_fails_instead_of_spinning(tmp_path):
     for i in range(2):
         (tmp_path / f"bad-{i:06d}.tar").write_bytes(b"\x01" * 4096)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from voxstream.shards import corpora
+from voxstream.shards.storage import Retry
 from voxstream.shards.verify import verify
 from voxstream.shards.writer import WriteConfig, write_shards
 
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     writing.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     writing.add_argument("--prefix", default="", help="shard name prefix (default: the corpus name)")
     writing.add_argument("--corpus", help="corpus name in keys and metadata")
+    writing.add_argument("--retry-attempts", type=int, default=Retry.attempts,
+                         help="tries in all at writing a shard before giving up (%(default)s)")
+    writing.add_argument("--retry-backoff", type=float, default=Retry.backoff,
+                         help="seconds before the first retry, doubled for each next one (%(default)s)")
 
     def add(name: str, help: str, min_duration: float, root: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[writing], help=help)
@@ -108,7 +113,7 @@ def run_write(args: argparse.Namespace) -> int:
     cfg = WriteConfig(out=args.out, prefix=args.prefix, shard_size=args.shard_size, seed=args.seed,
                       workers=args.workers, min_duration=args.min_duration,
                       max_duration=getattr(args, "max_duration", None), resume=args.resume,
-                      storage_options=args.storage_options)
+                      storage_options=args.storage_options, retry=Retry(args.retry_attempts, args.retry_backoff))
     manifest, rejected = write_shards(listing(args), cfg)
     print(f"{manifest.corpus}: {len(manifest.shards)} shards, {manifest.samples} samples, "
           f"{manifest.seconds / 3600:.2f} h in {args.out}; {len(rejected)} inputs rejected")
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 1) < 1:
         return _fail(f"--workers {args.workers}: must be at least 1")
+    if getattr(args, "retry_attempts", 1) < 1 or getattr(args, "retry_backoff", 0) < 0:
+        return _fail(f"--retry-attempts {args.retry_attempts} must be at least 1 "
+                     f"and --retry-backoff {args.retry_backoff} at least 0")
     try:
         return run_verify(args) if args.command == "verify" else run_write(args)
     except corpora.BadInput as e:
