@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from voxstream.shards import storage
 from voxstream.shards.audio import Rejected, check, cut_points, to_16k
-from voxstream.shards.corpora import BadInput, Item, Listing, Reader
+from voxstream.shards.corpora import BadInput, Listing, Reader, Recording
 from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
     read_manifest, shard_name, write_manifest
 
@@ -58,16 +58,16 @@ class EncodeSpec:
     max_duration: float | None
 
 
-def plan(items: list[Item], seed: int) -> list[list[Item]]:
-    """Items grouped by group (listing order inside a group), groups in a seeded global shuffle."""
-    groups: dict[str, list[Item]] = {}
+def plan(items: list[Recording], seed: int) -> list[list[Recording]]:
+    """Recordings grouped by group (listing order inside a group), groups in a seeded global shuffle."""
+    groups: dict[str, list[Recording]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
     ordered = [groups[g] for g in sorted(groups)]
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
-def encode_item(item: Item, spec: EncodeSpec) -> tuple[list[Sample], list[dict]]:
+def encode_item(item: Recording, spec: EncodeSpec) -> tuple[list[Sample], list[dict]]:
     """(samples, rejections) for one input: read, 16 kHz int16, validate, cut if long, FLAC."""
     source = os.path.relpath(item.source, spec.root) if spec.root else item.source
     try:
@@ -103,7 +103,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes; threads would only contend
 
 
-def _encoded(work: Iterator[tuple[int, Item]], spec: EncodeSpec, workers: int
+def _encoded(work: Iterator[tuple[int, Recording]], spec: EncodeSpec, workers: int
              ) -> Iterator[tuple[int, list[Sample], list[dict]]]:
     """(group index, samples, rejections) per item, in plan order, with a bounded window in flight."""
     if workers <= 1:
@@ -224,7 +224,7 @@ class _Packer:
             self.pending = None
 
 
-def fingerprint(listing: Listing, groups: list[list[Item]], params: dict) -> str:
+def fingerprint(listing: Listing, groups: list[list[Recording]], params: dict) -> str:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for group in groups:
         for item in group:
@@ -292,7 +292,7 @@ def read_rejections(cfg: WriteConfig) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def _encode_and_pack(groups: list[list[Item]], start: int, spec: EncodeSpec, cfg: WriteConfig,
+def _encode_and_pack(groups: list[list[Recording]], start: int, spec: EncodeSpec, cfg: WriteConfig,
                      progress: _Progress) -> None:
     packer = _Packer(cfg, progress)
     work = ((gi, item) for gi in range(start, len(groups)) for item in groups[gi])
