@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from voxstream.shards import storage
-from voxstream.shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
-                           sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.format import (SAMPLE_RATE, Manifest, Sample, build_shard, decode_audio, encode_flac,
+                           iter_samples, sample_key, shard_name, shard_urls, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def rir_rows(wave: np.ndarray, length: int) -> list[np.ndarray]:
     return [] if rir is None else [np.pad(rir[:length], (0, max(0, length - rir.size)))]
 
 
-def _shard_samples(url: str, storage_options: dict | None) -> Iterator[tuple[str, dict, bytes]]:
+def _shard_samples(url: str, storage_options: dict | None) -> Iterator[Sample]:
     """Samples of one shard; opening is retried, and a shard that keeps failing is skipped (logged)."""
     for attempt in range(RETRIES):
         read = 0
@@ -201,7 +201,7 @@ def write_clip_set(url: str, corpus: str, clips: list[tuple[str, np.ndarray]],
         meta = {"utt": utt, "corpus": corpus, "speaker": None, "session": utt, "group": utt,
                 "duration": len(wave) / SAMPLE_RATE, "num_samples": len(wave), "sample_rate": SAMPLE_RATE,
                 "source": utt, "kind": kind}
-        samples.append((sample_key(corpus, None, utt, utt), meta, encode_flac(wave)))
+        samples.append(Sample(sample_key(corpus, None, utt, utt), meta, encode_flac(wave)))
     name = shard_name(corpus, 0)
     data, stats = build_shard(samples, name)
     storage.write_bytes(storage.join(url, name), data, storage_options)

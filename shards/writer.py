@@ -26,13 +26,11 @@ from tqdm import tqdm
 from voxstream.shards import storage
 from voxstream.shards.audio import Rejected, check, cut_points, to_16k
 from voxstream.shards.corpora import BadInput, Listing, Reader, Recording
-from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
-    read_manifest, shard_name, write_manifest
+from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, Sample, build_shard, encode_flac, \
+    sample_key, read_manifest, shard_name, write_manifest
 
 PROGRESS = "_progress.json"
 RETRY_DELAYS = (1.0, 4.0)  # seconds before the 2nd and 3rd attempt at writing an object
-
-Sample = tuple[str, dict, bytes]
 
 
 @dataclass
@@ -93,7 +91,7 @@ def encode_item(item: Recording, spec: EncodeSpec) -> tuple[list[Sample], list[d
                 "sample_rate": SAMPLE_RATE, "source": source, **dict(item.extra), **generated}
         if len(spans) > 1:
             meta["start"] = start / SAMPLE_RATE
-        samples.append((sample_key(spec.corpus, item.speaker, item.session, utt), meta, encode_flac(segment)))
+        samples.append(Sample(sample_key(spec.corpus, item.speaker, item.session, utt), meta, encode_flac(segment)))
     return samples, rejected
 
 
@@ -126,8 +124,8 @@ def _encoded(work: Iterator[tuple[int, Recording]], spec: EncodeSpec, workers: i
 
 def _tar_cost(sample: Sample) -> int:
     """Bytes a sample adds to a tar: a 512-byte header and padded payload per member."""
-    meta_len = len(json.dumps(sample[1], sort_keys=True).encode())
-    return sum(512 + -(-n // 512) * 512 for n in (len(sample[2]), meta_len))
+    meta_len = len(json.dumps(sample.meta, sort_keys=True).encode())
+    return sum(512 + -(-n // 512) * 512 for n in (len(sample.flac), meta_len))
 
 
 def _retry(fn, what: str):

@@ -33,8 +33,8 @@ from voxstream.pipeline.loader import DataConfig, make_loader
 from voxstream.pipeline.sources import open_shard
 from voxstream.pipeline.views import read_spans
 from voxstream.shards import corpora, storage
-from voxstream.shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
-                           sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.format import (MANIFEST, SAMPLE_RATE, Manifest, Sample, audio_frames, build_shard, decode_audio,
+                           encode_flac, iter_samples, sample_key, shard_name, shard_urls, write_manifest)
 from voxstream.shards.locals3 import local_s3
 from voxstream.shards.writer import WriteConfig, write_shards
 
@@ -79,7 +79,7 @@ def generate(root: Path, count: int, seconds: tuple[float, float], seed: int, pe
         meta = {"utt": f"u{u}", "corpus": "bench", "speaker": f"spk{group}", "session": f"g{group}",
                 "group": f"g{group}", "duration": n / SAMPLE_RATE, "num_samples": n,
                 "sample_rate": SAMPLE_RATE, "source": "synthetic"}
-        samples.append((key, meta, encode_flac(speechlike(rng, n))))
+        samples.append(Sample(key, meta, encode_flac(speechlike(rng, n))))
         if (len(samples) >= per_shard and left == 0) or u == count - 1:
             data, stats = build_shard(samples, shard_name("bench", len(shards)))
             storage.write_bytes(str(root / "shards" / stats.name), data)
