@@ -165,7 +165,7 @@ def compare(name: str, shards: str, files: list[str], args, storage_options: dic
     loader = make_loader(cfg, 0, 0, 1)
     wall, cpu, _ = _measure(loader, steps)
     memory = [loader.stats[k] for k in ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")]
-    in_streams = sum(s["cpu_seconds"] for s in loader.per_stream.values())
+    in_streams = loader.stats["cpu_seconds"]  # summed over streams
 
     frames = [int(round(s * SAMPLE_RATE)) for s in args.views]
     sampler = RandomSampler(files, replacement=True, num_samples=pairs)
