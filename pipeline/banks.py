@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from voxstream.shards import storage
-from voxstream.shards.format import (SAMPLE_RATE, Manifest, build_shard, decode_audio, encode_flac, iter_samples,
-                           sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.format import (SAMPLE_RATE, Manifest, Sample, build_shard, decode_audio, encode_flac,
+                           iter_samples, sample_key, shard_name, shard_urls, write_manifest)
 from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def rir_rows(wave: np.ndarray, length: int) -> list[np.ndarray]:
     return [] if rir is None else [np.pad(rir[:length], (0, max(0, length - rir.size)))]
 
 
-def _shard_samples(url: str, storage_options: dict | None, retry: Retry) -> Iterator[tuple[str, dict, bytes]]:
+def _shard_samples(url: str, storage_options: dict | None, retry: Retry) -> Iterator[Sample]:
     """Samples of one shard, read again past a transient error (no sample twice); a shard that keeps
     failing is skipped from where it failed (logged)."""
     try:
@@ -193,7 +193,7 @@ def write_clip_set(url: str, corpus: str, clips: list[tuple[str, np.ndarray]],
         meta = {"utt": utt, "corpus": corpus, "speaker": None, "session": utt, "group": utt,
                 "duration": len(wave) / SAMPLE_RATE, "num_samples": len(wave), "sample_rate": SAMPLE_RATE,
                 "source": utt, "kind": kind}
-        samples.append((sample_key(corpus, None, utt, utt), meta, encode_flac(wave)))
+        samples.append(Sample(sample_key(corpus, None, utt, utt), meta, encode_flac(wave)))
     name = shard_name(corpus, 0)
     data, stats = build_shard(samples, name)
     storage.write_bytes(storage.join(url, name), data, storage_options)

@@ -24,22 +24,20 @@ the buffer for long multi-crop views).
 """
 from __future__ import annotations
 
+import copy
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
 from voxstream.pipeline.sources import Corpus
+from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import mixed_samples
-from voxstream.pipeline.views import Item, cross_utterance, same_utterance, view_frames
+from voxstream.pipeline.views import TrainingItem, cross_utterance, same_utterance, view_frames
 from voxstream.shards.format import SAMPLE_RATE
 
 MODES = ("same-utterance", "cross-utterance")
-COUNTERS = ("shards_opened", "shards_skipped", "samples_read", "samples_skipped", "short_skipped",
-            "short_padded", "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds")
-PER_WORKER = ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")  # the largest over workers, not sums
 _GROUP_TRIES = 8
 _SMAPS_EVERY_S = 30.0  # stream CPU seconds between samples of its proportional and private memory
 
@@ -83,7 +81,7 @@ class Plan:
     start_step: int
 
 
-def _pick(buffer: list[Item], taken: set[str], rng: np.random.Generator) -> Item:
+def _pick(buffer: list[TrainingItem], taken: set[str], rng: np.random.Generator) -> TrainingItem:
     for _ in range(_GROUP_TRIES):
         i = int(rng.integers(len(buffer)))
         if buffer[i].group not in taken:
@@ -93,7 +91,7 @@ def _pick(buffer: list[Item], taken: set[str], rng: np.random.Generator) -> Item
 
 
 def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
-           stats: Counter) -> Iterator[list[Item]]:
+           stats: StreamStats) -> Iterator[list[TrainingItem]]:
     """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
     samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats)
@@ -102,7 +100,7 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np
     to_read, buffer = cfg.chunk_steps * cfg.batch_size, []
     try:
         for _ in range(cfg.chunk_steps):
-            batch: list[Item] = []
+            batch: list[TrainingItem] = []
             taken: set[str] = set()
             for _ in range(cfg.batch_size):
                 while to_read and len(buffer) < cfg.shuffle_buffer:
@@ -110,22 +108,22 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np
                     to_read -= 1
                 batch.append(_pick(buffer, taken, rng))
                 taken.add(batch[-1].group)
-            stats["batches"] += 1
-            stats["dup_group_batches"] += len(taken) < len(batch)
+            stats.batches += 1
+            stats.dup_group_batches += len(taken) < len(batch)
             yield batch
     finally:
         items.close()
         samples.close()
 
 
-def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list[Item], dict]]:
-    """(items, the stream's stats so far) for each global step that `worker` of `workers` serves:
-    steps start_step + worker, + workers, ... up to the end of the epoch."""
+def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list[TrainingItem], StreamStats]]:
+    """(items, a copy of the stream's stats so far) for each global step that `worker` of `workers`
+    serves: steps start_step + worker, + workers, ... up to the end of the epoch."""
     cfg = plan.cfg
     first = plan.start_step + worker
     stream, count = first % workers, len(range(first, cfg.steps_per_epoch, workers))
     chunk, skip = divmod(first // workers, cfg.chunk_steps)
-    stats: Counter = Counter()
+    stats = StreamStats()
     cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     while count:
         rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
@@ -136,31 +134,20 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
             cpu = time.process_time() - cpu0
             if i == 0 and cpu - sampled >= _SMAPS_EVERY_S:  # the buffer has just filled up
                 pss, private = smaps_mb()
-                stats["peak_pss_mb"] = max(stats["peak_pss_mb"], pss)
-                stats["peak_private_mb"] = max(stats["peak_private_mb"], private)
+                stats.peak_pss_mb = max(stats.peak_pss_mb, pss)
+                stats.peak_private_mb = max(stats.peak_private_mb, private)
                 sampled = cpu
-            yield items, {**stats, "stream": stream, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb()}
+            stats.cpu_seconds, stats.peak_rss_mb = cpu, peak_rss_mb()
+            yield items, copy.copy(stats)
             count -= 1
             if not count:
                 return
         chunk += 1
 
 
-def by_view(items: list[Item], views: int) -> list[list[np.ndarray]]:
+def by_view(items: list[TrainingItem], views: int) -> list[list[np.ndarray]]:
     """The crops of a batch's items, view by view."""
     return [[it.views[v] for it in items] for v in range(views)]
-
-
-def summary(per_stream: dict[int, dict]) -> dict:
-    """Counters summed over streams, the rates the trainer logs and the per-worker memory peaks."""
-    total: Counter = Counter()
-    for s in per_stream.values():
-        total.update({k: v for k, v in s.items() if k in COUNTERS})
-    out = {k: total[k] for k in COUNTERS}
-    out.update({k: max((s.get(k, 0.0) for s in per_stream.values()), default=0.0) for k in PER_WORKER})
-    out["dup_group_rate"] = total["dup_group_batches"] / max(1, total["batches"])
-    out["fallback_rate"] = total["fallbacks"] / max(1, total["cross_items"])
-    return out
 
 
 def peak_rss_mb() -> float:

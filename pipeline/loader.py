@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from voxstream.pipeline.batches import DataConfig, Plan, by_view, stream_batches, summary
+from voxstream.pipeline.batches import DataConfig, Plan, by_view, stream_batches
 from voxstream.pipeline.sources import resolve_all
+from voxstream.pipeline.stats import StreamStats, summary
 from voxstream.pipeline.workers import Workers
 
 __all__ = ["Batch", "DataConfig", "Loader", "group_ids", "make_loader", "views_to_device"]
@@ -57,16 +58,14 @@ def _tensor(rows: np.ndarray | list[np.ndarray], pin: bool) -> torch.Tensor:
 class Loader:
     """Iterable of exactly `steps_per_epoch - start_step` batches.
 
-    `stats` (also logged at the end of each pass) sums the streams' counters: shards opened and skipped
-    as broken, samples read and skipped, short utterances skipped or padded, cross-utterance items and
-    their same-utterance fallbacks, batches and those holding a repeated group, worker CPU seconds;
-    with the rates `dup_group_rate` and `fallback_rate` and the per-worker memory peaks (RSS, PSS and
-    private MB; the trainer's own without workers).
+    `stats` (also logged at the end of each pass) sums the streams' counters (pipeline/stats.py says
+    what each means), with the rates `dup_group_rate` and `fallback_rate` and the per-worker memory
+    peaks (RSS, PSS and private MB; the trainer's own without workers).
     """
 
     def __init__(self, plan: Plan, steps: int):
         self.plan, self.steps = plan, steps
-        self.per_stream: dict[int, dict] = {}
+        self.per_stream: dict[int, StreamStats] = {}  # by worker: each runs one stream
 
     def __len__(self) -> int:
         return self.steps
@@ -76,18 +75,18 @@ class Loader:
         self.per_stream = {}
         if cfg.workers == 0:
             for items, stats in stream_batches(self.plan, 0, 1):
-                self.per_stream[stats["stream"]] = stats
+                self.per_stream[0] = stats
                 views = [_tensor(rows, pin) for rows in by_view(items, len(cfg.views))]
                 yield Batch(views, [it.key for it in items], [it.group for it in items])
         else:
             workers = Workers(self.plan, cfg.workers, _SLOTS)
             try:
                 for step in range(self.steps):
-                    worker, slot, keys, groups, stats = workers.receive(step)
-                    self.per_stream[stats["stream"]] = stats
-                    views = [_tensor(v, pin) for v in workers.ring.get(worker, slot)]
-                    workers.free(worker)
-                    yield Batch(views, keys, groups)
+                    ready = workers.receive(step)
+                    self.per_stream[ready.worker] = ready.stats
+                    views = [_tensor(v, pin) for v in workers.ring.get(ready.worker, ready.slot)]
+                    workers.free(ready.worker)
+                    yield Batch(views, ready.keys, ready.groups)
             finally:
                 workers.close()
         log.info("pipeline epoch %d rank %d: %s", self.plan.epoch, self.plan.rank, self.stats)
@@ -95,7 +94,7 @@ class Loader:
     @property
     def stats(self) -> dict:
         """Counters summed over streams, with the rates the trainer logs."""
-        return summary(self.per_stream)
+        return summary(self.per_stream.values())
 
 
 def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0) -> Loader:

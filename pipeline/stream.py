@@ -1,4 +1,4 @@
-"""Resampled, infinite sample streams over shards: (key, meta, flac bytes), corpora mixed per sample.
+"""Resampled, infinite streams of samples (shards.format.Sample) over shards, corpora mixed per sample.
 
 Each shard visit picks a shard at random and enters it at a random tar block: it finds the next tar
 header there, skips to the next group boundary, reads to the end, then wraps to the start and reads
@@ -9,7 +9,7 @@ steps be seeded on its own (see loader.py) without favouring the first samples o
 four workers share one shard without reading the same window.
 
 A shard that cannot be read (missing, truncated, not a tar, wrong size) is retried for transient I/O
-errors (by the `retry` policy, storage.Retry), then skipped and counted in `stats["shards_skipped"]`
+errors (by the `retry` policy, storage.Retry), then skipped and counted in `stats.shards_skipped`
 (logged with its URL); with `strict` it raises instead. Samples lacking a .flac or .json member are
 skipped and counted too.
 """
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from typing import IO, Iterator
 
 import numpy as np
 
 from voxstream.pipeline.sources import Corpus, Shard, open_shard
+from voxstream.pipeline.stats import StreamStats
+from voxstream.shards.format import Sample
 from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _RESYNC_WINDOW = 64 << 10
-
-Sample = tuple[str, dict, bytes]  # key, meta, flac bytes
 
 
 class CorruptShard(ValueError):
@@ -128,12 +127,12 @@ class _ShardFile:
             pos += BLOCK + size + (-size % BLOCK)
 
 
-def group_of(key: str, meta: dict) -> str:
+def group_of(sample: Sample) -> str:
     """The unit of cross-utterance positives; the utterance itself when the metadata has none."""
-    return str(meta.get("group") or key)
+    return str(sample.meta.get("group") or sample.key)
 
 
-def _samples(members: Iterator[tuple[int, str, bytes]], url: str, stats: Counter) -> Iterator[tuple[int, Sample]]:
+def _samples(members: Iterator[tuple[int, str, bytes]], url: str, stats: StreamStats) -> Iterator[tuple[int, Sample]]:
     """(offset of its first member, sample) for consecutive members sharing a key, when complete."""
     pos, key, parts = 0, None, {}
     for offset, name, data in members:
@@ -147,19 +146,20 @@ def _samples(members: Iterator[tuple[int, str, bytes]], url: str, stats: Counter
         yield from _complete(pos, key, parts, url, stats)
 
 
-def _complete(pos: int, key: str, parts: dict[str, bytes], url: str, stats: Counter) -> Iterator[tuple[int, Sample]]:
+def _complete(pos: int, key: str, parts: dict[str, bytes], url: str,
+              stats: StreamStats) -> Iterator[tuple[int, Sample]]:
     if "flac" not in parts or "json" not in parts:
         return  # a sample cut by the visit's entry point: read whole on the wrap-around
     try:
         meta = json.loads(parts["json"])
     except ValueError:
-        stats["samples_skipped"] += 1
+        stats.samples_skipped += 1
         log.warning("%s: %s.json is not JSON; sample skipped", url, key)
         return
-    yield pos, (key, meta, parts["flac"])
+    yield pos, Sample(key, meta, parts["flac"])
 
 
-def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: Counter,
+def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: StreamStats,
           retry: Retry) -> Iterator[Sample]:
     """Every sample of one shard once, from the first group boundary after a random block, wrapping
     around. Starting at a group boundary keeps groups whole for cross-utterance views."""
@@ -167,11 +167,11 @@ def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, 
     try:
         entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
         ahead = _samples(f.members(entry, f.size), shard.url, stats)
-        cut = next(ahead, None)  # its group may have begun before the entry: the wrap-around reads it
+        _, cut = next(ahead, (0, None))  # its group may have begun before the entry: the wrap-around reads it
         wrap_at = f.size
         for pos, sample in ahead:
             if wrap_at == f.size:
-                if group_of(*sample[:2]) == group_of(*cut[1][:2]):
+                if group_of(sample) == group_of(cut):
                     continue
                 wrap_at = pos
             yield sample
@@ -182,30 +182,30 @@ def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, 
 
 
 def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None,
-                   strict: bool, stats: Counter, retry: Retry) -> Iterator[Sample]:
+                   strict: bool, stats: StreamStats, retry: Retry) -> Iterator[Sample]:
     """An endless stream of samples from random visits of the corpus's shards."""
     barren = 0  # consecutive visits that gave nothing: all shards broken must fail, not spin
     while True:
         shard = corpus.shards[int(rng.integers(len(corpus.shards)))]
-        stats["shards_opened"] += 1
+        stats.shards_opened += 1
         got = 0
         try:
             for sample in visit(shard, rng, storage_options, stats, retry):
                 got += 1
-                stats["samples_read"] += 1
+                stats.samples_read += 1
                 yield sample
         except (OSError, CorruptShard) as e:
             if strict:
                 raise
-            stats["shards_skipped"] += 1
-            log.warning("shard skipped (%d so far): %s: %s", stats["shards_skipped"], shard.url, e)
+            stats.shards_skipped += 1
+            log.warning("shard skipped (%d so far): %s: %s", stats.shards_skipped, shard.url, e)
         barren = 0 if got else barren + 1
         if barren > 10 + 2 * len(corpus.shards):
             raise RuntimeError(f"{corpus.spec}: no readable sample in {barren} shard visits in a row")
 
 
 def mixed_samples(corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
-                  storage_options: dict | None, strict: bool, stats: Counter,
+                  storage_options: dict | None, strict: bool, stats: StreamStats,
                   retry: Retry = Retry()) -> Iterator[Sample]:
     """Samples drawn from the corpora with the given probabilities, one choice per sample."""
     streams = [corpus_samples(c, rng, storage_options, strict, stats, retry) for c in corpora]

@@ -4,28 +4,28 @@ Crops are read by seeking into the FLAC, never by decoding the whole utterance: 
 utterance, one seek per span, where overlapping or nearly touching crops share one span.
 
 Short utterances (the documented rule): an utterance under `min_duration` seconds is skipped
-(`stats["short_skipped"]`); one at least that long but shorter than a view fills that view by
-repetition, starting at a random point (`stats["short_padded"]` counts such views).
+(`stats.short_skipped`); one at least that long but shorter than a view fills that view by
+repetition, starting at a random point (`stats.short_padded` counts such views).
 
 Cross-utterance views: the views of an item come from different utterances of its group (cycling
 through them when the group has fewer utterances than views). A group reduced to one usable
-utterance falls back to same-utterance views (`stats["fallbacks"]`, out of `stats["cross_items"]`).
+utterance falls back to same-utterance views (`stats.fallbacks`, out of `stats.cross_items`).
 Groups are taken as they appear in the stream (contiguous in a shard) and cut into runs of at most
 MAX_GROUP utterances so that one huge group cannot hold unbounded FLAC bytes.
 """
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from miniaudio import ffi as _ffi, lib as _dr
 
-from voxstream.shards.format import SAMPLE_RATE
-from voxstream.pipeline.stream import Sample, group_of
+from voxstream.pipeline.stats import StreamStats
+from voxstream.pipeline.stream import group_of
+from voxstream.shards.format import SAMPLE_RATE, Sample
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64
@@ -36,10 +36,19 @@ SEEK_GAP = 4096
 
 
 @dataclass
-class Item:
+class TrainingItem:
+    """What the loader batches: the positive views of one utterance (of its group, cross-utterance)."""
     key: str
     group: str
     views: list[np.ndarray]  # int16, one per view length
+
+
+class Utterance(NamedTuple):
+    """A sample the views can use: its group and length read from the metadata."""
+    key: str
+    group: str
+    flac: bytes
+    length: int  # samples
 
 
 class CorruptSample(ValueError):
@@ -78,16 +87,16 @@ def read_spans(key: str, flac: bytes, spans: list[tuple[int, int]]) -> list[np.n
     return out
 
 
-def crops(key: str, flac: bytes, length: int, frames: list[int], rng: np.random.Generator,
-          stats: Counter) -> list[np.ndarray]:
-    """One crop per entry of `frames` at independent random offsets of an utterance of `length` samples."""
+def crops(utterance: Utterance, frames: list[int], rng: np.random.Generator, stats: StreamStats) -> list[np.ndarray]:
+    """One crop per entry of `frames` at independent random offsets of the utterance."""
+    key, _, flac, length = utterance
     starts = [int(rng.integers(length - f + 1)) if f <= length else -1 for f in frames]
     out: list[np.ndarray | None] = [None] * len(frames)
     if min(starts) < 0:  # some view is longer than the utterance: repeat it
         whole = read_spans(key, flac, [(0, length)])[0]
         for i, f in enumerate(frames):
             if starts[i] < 0:
-                stats["short_padded"] += 1
+                stats.short_padded += 1
                 out[i] = np.take(whole, np.arange(f) + int(rng.integers(length)), mode="wrap")
             else:
                 out[i] = whole[starts[i]:starts[i] + f]
@@ -107,55 +116,55 @@ def crops(key: str, flac: bytes, length: int, frames: list[int], rng: np.random.
     return out
 
 
-def _length(meta: dict, key: str) -> int:
+def _length(sample: Sample) -> int:
     try:
-        return int(meta["num_samples"])
+        return int(sample.meta["num_samples"])
     except (KeyError, TypeError, ValueError):
-        raise CorruptSample(f"{key}: metadata has no num_samples") from None
+        raise CorruptSample(f"{sample.key}: metadata has no num_samples") from None
 
 
-def _usable(samples: Iterable[Sample], min_frames: int, stats: Counter) -> Iterator[tuple[Sample, int]]:
-    for key, meta, flac in samples:
+def _usable(samples: Iterable[Sample], min_frames: int, stats: StreamStats) -> Iterator[Utterance]:
+    for sample in samples:
         try:
-            length = _length(meta, key)
+            length = _length(sample)
         except CorruptSample as e:
-            stats["samples_skipped"] += 1
+            stats.samples_skipped += 1
             log.warning("sample skipped: %s", e)
             continue
         if length < min_frames:
-            stats["short_skipped"] += 1
+            stats.short_skipped += 1
             continue
-        yield (key, meta, flac), length
+        yield Utterance(sample.key, group_of(sample), sample.flac, length)
 
 
 def same_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int,
-                   rng: np.random.Generator, stats: Counter) -> Iterator[Item]:
-    for (key, meta, flac), length in _usable(samples, min_frames, stats):
+                   rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
+    for utterance in _usable(samples, min_frames, stats):
         try:
-            views = crops(key, flac, length, frames, rng, stats)
+            views = crops(utterance, frames, rng, stats)
         except CorruptSample as e:
-            stats["samples_skipped"] += 1
+            stats.samples_skipped += 1
             log.warning("sample skipped: %s", e)
             continue
-        yield Item(key, group_of(key, meta), views)
+        yield TrainingItem(utterance.key, utterance.group, views)
 
 
-def _group_runs(usable: Iterable[tuple[Sample, int]]) -> Iterator[list[tuple[Sample, int]]]:
-    for _, run in groupby(usable, key=lambda s: group_of(*s[0][:2])):
+def _group_runs(usable: Iterable[Utterance]) -> Iterator[list[Utterance]]:
+    for _, run in groupby(usable, key=lambda u: u.group):
         run = list(run)
         for i in range(0, len(run), MAX_GROUP):
             yield run[i:i + MAX_GROUP]
 
 
 def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int,
-                    rng: np.random.Generator, stats: Counter) -> Iterator[Item]:
+                    rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
     """One item per utterance of each group: its first view from it, the others from the rest of the group."""
     for run in _group_runs(_usable(samples, min_frames, stats)):
         for anchor in range(len(run)):
-            stats["cross_items"] += 1
+            stats.cross_items += 1
             others = [i for i in range(len(run)) if i != anchor]
             if not others:
-                stats["fallbacks"] += 1
+                stats.fallbacks += 1
             source = [anchor, *rng.permutation(others).tolist()] if others else [anchor]
             wanted: dict[int, list[int]] = {}
             for v in range(len(frames)):
@@ -163,12 +172,10 @@ def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: in
             views: list[np.ndarray | None] = [None] * len(frames)
             try:
                 for u, vs in wanted.items():
-                    (key, _, flac), length = run[u]
-                    for v, crop in zip(vs, crops(key, flac, length, [frames[v] for v in vs], rng, stats)):
+                    for v, crop in zip(vs, crops(run[u], [frames[v] for v in vs], rng, stats)):
                         views[v] = crop
             except CorruptSample as e:
-                stats["samples_skipped"] += 1
+                stats.samples_skipped += 1
                 log.warning("sample skipped: %s", e)
                 continue
-            (key, meta, _), _ = run[anchor]
-            yield Item(key, group_of(key, meta), views)
+            yield TrainingItem(run[anchor].key, run[anchor].group, views)

@@ -8,10 +8,10 @@ the middle of a step: the trainer stops them itself, and they exit when it dies 
 
 Protocol, per worker, over two pipes. The trainer sends the stream's Plan and the ring's layout
 (pipeline/ring.py; the ring's descriptor is inherited). The worker stacks each batch into its next
-slot and sends (slot, keys, groups, stats). It may fill all `slots` slots ahead; after that it
-waits for a credit before each batch, which the trainer sends once it has copied a batch out, so a
-slot is never overwritten before it has been read. An exception in a worker is sent back (with its
-traceback) and raised in the trainer.
+slot and sends ("batch", slot, keys, groups, stats), which `receive` hands on as a Ready. It may
+fill all `slots` slots ahead; after that it waits for a credit before each batch, which the trainer
+sends once it has copied a batch out, so a slot is never overwritten before it has been read. An
+exception in a worker is sent back (with its traceback) and raised in the trainer.
 """
 from __future__ import annotations
 
@@ -21,18 +21,29 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from typing import NamedTuple
 
 from voxstream.pipeline.batches import Plan, by_view, stream_batches
 from voxstream.pipeline.ring import Layout, Ring
+from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.views import view_frames
 
 _STOP_TIMEOUT_S = 5.0
 
 
+class Ready(NamedTuple):
+    """A batch that a worker has stacked into one of its slots."""
+    worker: int
+    slot: int
+    keys: list[str]
+    groups: list[str]
+    stats: StreamStats  # the worker's stream's, so far
+
+
 class Workers:
     """The worker processes of one pass over a rank's epoch, and their ring of `slots` batch slots
-    each. Step i of the pass comes from worker i % count: `receive(i)` gives its (worker, slot, keys,
-    groups, stats), `ring.get(worker, slot)` its views, and `free(worker)` gives the slot back."""
+    each. Step i of the pass comes from worker i % count: `receive(i)` says where it is (a Ready),
+    `ring.get(worker, slot)` gives its views, and `free(worker)` gives the slot back."""
 
     def __init__(self, plan: Plan, count: int, slots: int):
         self.count = count
@@ -56,8 +67,8 @@ class Workers:
             self.close()
             raise
 
-    def receive(self, step: int) -> tuple[int, int, list[str], list[str], dict]:
-        """(worker, slot, keys, groups, stats) of step `step` of the pass."""
+    def receive(self, step: int) -> Ready:
+        """The batch of step `step` of the pass."""
         worker = step % self.count
         try:
             message = self.results[worker].recv()
@@ -68,7 +79,7 @@ class Workers:
             _, error, text = message
             error.add_note(f"in pipeline worker {worker}:\n{text}")
             raise error
-        return (worker, *message[1:])
+        return Ready(worker, *message[1:])
 
     def free(self, worker: int) -> None:
         try:

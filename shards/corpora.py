@@ -1,8 +1,8 @@
 """Corpus adapters: walk a source tree and list its utterances with speaker, session and group.
 
-Each adapter returns a `Listing`: the items to shard, in a sorted (deterministic) order, the files
+Each adapter returns a `Listing`: the recordings to shard, in a sorted (deterministic) order, the files
 found but deliberately not sharded (with the reason, so they land in rejected.jsonl), and how to
-read an item. Listing reads no audio, so it stays fast on millions of files.
+read a recording. Listing reads no audio, so it stays fast on millions of files.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class BadInput(ValueError):
 
 
 @dataclass(frozen=True)
-class Item:
+class Recording:
+    """One input of a listing: an audio file, or audio its reader generates, and who speaks in it."""
     source: str                 # the file, or a description of generated audio
     speaker: str | None
     session: str | None
@@ -34,10 +35,10 @@ class Item:
     extra: tuple = ()           # (name, value) pairs added to the sample JSON: kind, room
 
 
-Reader = Callable[[Item], tuple[np.ndarray, int, dict]]
+Reader = Callable[[Recording], tuple[np.ndarray, int, dict]]
 
 
-def read_file(item: Item, channel: str = "mix") -> tuple[np.ndarray, int, dict]:
+def read_file(item: Recording, channel: str = "mix") -> tuple[np.ndarray, int, dict]:
     wave, rate = read_audio(item.source, channel)
     return wave, rate, {}
 
@@ -45,7 +46,7 @@ def read_file(item: Item, channel: str = "mix") -> tuple[np.ndarray, int, dict]:
 @dataclass
 class Listing:
     corpus: str
-    items: list[Item]
+    items: list[Recording]
     skipped: list[dict] = field(default_factory=list)   # {"source" (relative to the root), "reason"}
     reader: Reader = read_file
     params: dict = field(default_factory=dict)           # recorded in the manifest
@@ -68,7 +69,7 @@ def _group(corpus: str, *parts: str | None) -> str:
     return "/".join([corpus, *(p or "unknown" for p in parts)])
 
 
-def _check_unique(items: list[Item], corpus: str, hint: str) -> None:
+def _check_unique(items: list[Recording], corpus: str, hint: str) -> None:
     seen: dict[str, str] = {}
     for it in items:
         key = sample_key(corpus, it.speaker, it.session, it.utt)
@@ -93,7 +94,7 @@ def folder(root: str, pattern: str | None = None, corpus: str = "folder") -> Lis
         structured = speaker is not None or session is not None
         utt = groups.get("utt") or (Path(rel).stem if structured else str(Path(rel).with_suffix("")))
         group = _group(corpus, speaker, session) if structured else _group(corpus, utt)
-        items.append(Item(str(Path(root, rel)), speaker, session, utt, group))
+        items.append(Recording(str(Path(root, rel)), speaker, session, utt, group))
     _check_unique(items, corpus, "add (?P<utt>...) or (?P<session>...) to --pattern")
     return Listing(corpus, items, skipped, params={"root": root, "pattern": pattern})
 
@@ -123,7 +124,7 @@ def voxceleb(root: str, exclude: list[str] = (), corpus: str = "voxceleb") -> Li
         if speaker in banned:
             excluded += 1
             continue
-        items.append(Item(str(Path(root, rel)), speaker, session, utt, _group(corpus, speaker, session)))
+        items.append(Recording(str(Path(root, rel)), speaker, session, utt, _group(corpus, speaker, session)))
     if any(it.source.endswith(".m4a") for it in items) and shutil.which("ffmpeg") is None:
         raise BadInput(f"{root} holds .m4a files and no ffmpeg is on PATH: install ffmpeg, or convert first with "
                        f"find {root} -name '*.m4a' -exec sh -c 'ffmpeg -v error -i \"$0\" \"${{0%.m4a}}.wav\" && rm \"$0\"' {{}} \\;")
@@ -164,8 +165,8 @@ def musan(root: str, corpus: str = "musan") -> Listing:
             continue
         kind, utt = parts[0], Path(rel).stem
         subset = parts[1] if len(parts) > 2 else kind
-        items.append(Item(str(Path(root, rel)), None, subset, utt, _group(corpus, kind, subset, utt),
-                          (("kind", kind),)))
+        items.append(Recording(str(Path(root, rel)), None, subset, utt, _group(corpus, kind, subset, utt),
+                               (("kind", kind),)))
     _check_unique(items, corpus, "MUSAN file names are expected to be unique within a subset")
     return Listing(corpus, items, skipped, params={"root": root})
 
@@ -195,7 +196,7 @@ def rir(root: str, corpus: str = "rir") -> Listing:
         else:
             skipped.append({"source": rel, "reason": "not an RIR of the RIRS_NOISES layout (a noise, or another folder)"})
             continue
-        items.append(Item(source, None, session, utt, group, (("kind", "rir"), ("room", room))))
+        items.append(Recording(source, None, session, utt, group, (("kind", "rir"), ("room", room))))
     if not items:
         raise BadInput(f"--root {root}: no RIRs in the RIRS_NOISES layout (simulated_rirs/<size>room/RoomN/*.wav)")
     _check_unique(items, corpus, "RIR file names are expected to be unique within a room")
@@ -217,13 +218,13 @@ def simulated_rirs(count: int, per_room: int = 10, seed: int = 0, corpus: str = 
         room, index = divmod(i, per_room)
         size = classes[room % len(classes)]
         session = f"{size}_Room{room:04d}"
-        items.append(Item(f"simulated/{size}/{room}/{index}", None, session, f"Room{room:04d}-{index:04d}",
-                          _group(corpus, session), (("kind", "rir"),)))
+        items.append(Recording(f"simulated/{size}/{room}/{index}", None, session, f"Room{room:04d}-{index:04d}",
+                               _group(corpus, session), (("kind", "rir"),)))
     return Listing(corpus, items, reader=functools.partial(simulate_item, seed=seed),
                    params={"count": count, "per_room": per_room, "simulator": "voxstream.shards.rirsim"})
 
 
-def simulate_item(item: Item, seed: int) -> tuple[np.ndarray, int, dict]:
+def simulate_item(item: Recording, seed: int) -> tuple[np.ndarray, int, dict]:
     """The RIR an item of simulated_rirs names: the room's first RIR fixes its dims and absorption."""
     from voxstream.shards.rirsim import SAMPLE_RATE, simulate_rir
 

@@ -18,7 +18,7 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO, Iterator, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -30,6 +30,14 @@ SAMPLE_RATE = 16000
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 META_FIELDS = ("utt", "corpus", "speaker", "session", "group", "duration", "num_samples", "sample_rate", "source")
+
+
+class Sample(NamedTuple):
+    """One utterance of a shard, as every writer and reader passes it."""
+    key: str
+    meta: dict  # the .json member
+    flac: bytes  # the .flac member
+
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
@@ -81,8 +89,8 @@ class ShardStats:
     sha256: str = ""
 
 
-def build_shard(samples: list[tuple[str, dict, bytes]], name: str) -> tuple[bytes, ShardStats]:
-    """Tar bytes and stats for samples (key, meta, flac), in order. Groups must already be contiguous."""
+def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
+    """Tar bytes and stats for samples, in order. Groups must already be contiguous."""
     from webdataset import TarWriter
 
     buf = io.BytesIO()
@@ -125,12 +133,12 @@ def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, dict, bytes]]:
-    """(key, meta, flac bytes) for every sample of one shard URL."""
+def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[Sample]:
+    """Every sample of one shard URL, in order."""
     fs, path = storage.filesystem(url, storage_options)
     with fs.open(path, "rb") as f:
         for key, members in iter_tar(f):
-            yield key, json.loads(members["json"]), members["flac"]
+            yield Sample(key, json.loads(members["json"]), members["flac"])
 
 
 @dataclass

@@ -25,14 +25,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from voxstream.shards import storage
 from voxstream.shards.audio import Rejected, check, cut_points, to_16k
-from voxstream.shards.corpora import BadInput, Item, Listing, Reader
-from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, \
-    read_manifest, shard_name, write_manifest
+from voxstream.shards.corpora import BadInput, Listing, Reader, Recording
+from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, Sample, build_shard, encode_flac, \
+    sample_key, read_manifest, shard_name, write_manifest
 from voxstream.shards.storage import Retry
 
 PROGRESS = "_progress.json"
-
-Sample = tuple[str, dict, bytes]
 
 
 @dataclass
@@ -59,16 +57,16 @@ class EncodeSpec:
     max_duration: float | None
 
 
-def plan(items: list[Item], seed: int) -> list[list[Item]]:
-    """Items grouped by group (listing order inside a group), groups in a seeded global shuffle."""
-    groups: dict[str, list[Item]] = {}
+def plan(items: list[Recording], seed: int) -> list[list[Recording]]:
+    """Recordings grouped by group (listing order inside a group), groups in a seeded global shuffle."""
+    groups: dict[str, list[Recording]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
     ordered = [groups[g] for g in sorted(groups)]
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
-def encode_item(item: Item, spec: EncodeSpec) -> tuple[list[Sample], list[dict]]:
+def encode_item(item: Recording, spec: EncodeSpec) -> tuple[list[Sample], list[dict]]:
     """(samples, rejections) for one input: read, 16 kHz int16, validate, cut if long, FLAC."""
     source = os.path.relpath(item.source, spec.root) if spec.root else item.source
     try:
@@ -94,7 +92,7 @@ def encode_item(item: Item, spec: EncodeSpec) -> tuple[list[Sample], list[dict]]
                 "sample_rate": SAMPLE_RATE, "source": source, **dict(item.extra), **generated}
         if len(spans) > 1:
             meta["start"] = start / SAMPLE_RATE
-        samples.append((sample_key(spec.corpus, item.speaker, item.session, utt), meta, encode_flac(segment)))
+        samples.append(Sample(sample_key(spec.corpus, item.speaker, item.session, utt), meta, encode_flac(segment)))
     return samples, rejected
 
 
@@ -104,7 +102,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes; threads would only contend
 
 
-def _encoded(work: Iterator[tuple[int, Item]], spec: EncodeSpec, workers: int
+def _encoded(work: Iterator[tuple[int, Recording]], spec: EncodeSpec, workers: int
              ) -> Iterator[tuple[int, list[Sample], list[dict]]]:
     """(group index, samples, rejections) per item, in plan order, with a bounded window in flight."""
     if workers <= 1:
@@ -127,8 +125,8 @@ def _encoded(work: Iterator[tuple[int, Item]], spec: EncodeSpec, workers: int
 
 def _tar_cost(sample: Sample) -> int:
     """Bytes a sample adds to a tar: a 512-byte header and padded payload per member."""
-    meta_len = len(json.dumps(sample[1], sort_keys=True).encode())
-    return sum(512 + -(-n // 512) * 512 for n in (len(sample[2]), meta_len))
+    meta_len = len(json.dumps(sample.meta, sort_keys=True).encode())
+    return sum(512 + -(-n // 512) * 512 for n in (len(sample.flac), meta_len))
 
 
 class _Progress:
@@ -214,7 +212,7 @@ class _Packer:
             self.pending = None
 
 
-def fingerprint(listing: Listing, groups: list[list[Item]], params: dict) -> str:
+def fingerprint(listing: Listing, groups: list[list[Recording]], params: dict) -> str:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for group in groups:
         for item in group:
@@ -283,7 +281,7 @@ def read_rejections(cfg: WriteConfig) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def _encode_and_pack(groups: list[list[Item]], start: int, spec: EncodeSpec, cfg: WriteConfig,
+def _encode_and_pack(groups: list[list[Recording]], start: int, spec: EncodeSpec, cfg: WriteConfig,
                      progress: _Progress) -> None:
     packer = _Packer(cfg, progress)
     work = ((gi, item) for gi in range(start, len(groups)) for item in groups[gi])

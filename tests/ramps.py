@@ -7,7 +7,7 @@ import numpy as np
 
 from voxstream.pipeline.loader import DataConfig
 from voxstream.shards import storage
-from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
+from voxstream.shards.format import Manifest, Sample, build_shard, encode_flac, sample_key, shard_name, write_manifest
 
 SR = 16000
 
@@ -29,7 +29,7 @@ def make_set(url: str, shard_sizes: list[int], group_size: int = 3, seconds=(1.0
             key = sample_key(corpus, f"spk{i // group_size}", group, f"u{u}")
             meta = {"utt": f"u{u}", "corpus": corpus, "speaker": f"spk{i // group_size}", "session": group,
                     "group": group, "duration": n / SR, "num_samples": n, "sample_rate": SR, "source": "ramp"}
-            samples.append((key, meta, encode_flac(ramp(slope, phase, n))))
+            samples.append(Sample(key, meta, encode_flac(ramp(slope, phase, n))))
             truth[key] = (slope, phase, n)
             u += 1
         data, st = build_shard(samples, shard_name(corpus, s))

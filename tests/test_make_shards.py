@@ -49,7 +49,7 @@ def run(*argv: str) -> int:
     return make_shards.main([str(a) for a in argv])
 
 
-def samples(url: str) -> list[tuple[str, dict, bytes]]:
+def samples(url: str) -> list[fmt.Sample]:
     return [s for shard in fmt.shard_urls(url) for s in fmt.iter_samples(shard)]
 
 
@@ -78,8 +78,8 @@ def test_every_input_once_bit_exact_and_groups_contiguous(tmp_path):
     assert run("folder", "--root", root, "--pattern", LIBRI, "--out", out, "--shard-size", "200k") == 0
 
     got = samples(str(out))
-    assert sorted(m["source"] for _, m, _ in got) == sorted(str(p.relative_to(root)) for p in inputs)
-    assert len({k for k, _, _ in got}) == len(inputs)
+    assert sorted(s.meta["source"] for s in got) == sorted(str(p.relative_to(root)) for p in inputs)
+    assert len({s.key for s in got}) == len(inputs)
     for key, meta, flac in got:
         source = root / meta["source"]
         wave = fmt.decode_audio(flac)
@@ -95,7 +95,7 @@ def test_every_input_once_bit_exact_and_groups_contiguous(tmp_path):
     assert len(manifest.shards) > 2 and all(s["bytes"] <= 200 * 1024 + 10240 for s in manifest.shards)
     homes = {}
     for url in fmt.shard_urls(str(out)):
-        runs = [m["group"] for _, m, _ in fmt.iter_samples(url)]
+        runs = [s.meta["group"] for s in fmt.iter_samples(url)]
         runs = [g for i, g in enumerate(runs) if i == 0 or runs[i - 1] != g]
         assert len(runs) == len(set(runs))
         for g in runs:
@@ -110,7 +110,7 @@ def test_seed_shuffles_groups_globally_and_big_groups_split_only_between_neighbo
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
         assert run("folder", "--root", root, "--pattern", LIBRI, "--out", out, "--seed", seed) == 0
-        keys = [m["group"] for _, m, _ in samples(str(out))]
+        keys = [s.meta["group"] for s in samples(str(out))]
         order[seed] = list(dict.fromkeys(keys))
     assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]
     assert order[0] != sorted(order[0])
@@ -120,7 +120,7 @@ def test_seed_shuffles_groups_globally_and_big_groups_split_only_between_neighbo
     assert run("folder", "--root", root, "--pattern", r"(?P<speaker>\d+)/", "--out", out, "--shard-size", "60k") == 0
     report = verify(str(out))
     assert report.ok, report.problems
-    groups_per_shard = [[m["group"] for _, m, _ in fmt.iter_samples(u)] for u in fmt.shard_urls(str(out))]
+    groups_per_shard = [[s.meta["group"] for s in fmt.iter_samples(u)] for u in fmt.shard_urls(str(out))]
     assert any(len(set(g)) == 1 for g in groups_per_shard) and len(groups_per_shard) > 4
 
 
@@ -207,7 +207,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_ones_converted(tmp_path):
     assert rejected["empty.wav"] == "empty file (0 bytes)"
     assert rejected["notes.wav"].startswith("unreadable or not audio")
     assert rejected["corrupt.flac"].startswith("unreadable or not audio")
-    got = {m["source"]: m for _, m, _ in samples(str(out))}
+    got = {s.meta["source"]: s.meta for s in samples(str(out))}
     assert set(got) == {"ok16k.wav", "tel8k.wav", "stereo.wav", "hi48k.flac"}
     assert all(m["num_samples"] == 16000 and m["speaker"] is None for m in got.values())
     assert fmt.read_manifest(str(out)).params["rejected"] == 5
@@ -249,9 +249,9 @@ def test_long_files_are_cut_at_quiet_points_without_losing_samples(tmp_path):
     source = write(tmp_path / "src" / "talk.flac", wave)
     out = tmp_path / "out"
     assert run("folder", "--root", tmp_path / "src", "--out", out, "--max-duration", "20") == 0
-    got = sorted(samples(str(out)), key=lambda s: s[1]["start"])
-    assert len(got) == 4 and {m["group"] for _, m, _ in got} == {"folder/talk"}
-    pieces = [fmt.decode_audio(flac) for _, _, flac in got]
+    got = sorted(samples(str(out)), key=lambda s: s.meta["start"])
+    assert len(got) == 4 and {s.meta["group"] for s in got} == {"folder/talk"}
+    pieces = [fmt.decode_audio(s.flac) for s in got]
     assert np.array_equal(np.concatenate(pieces), sf.read(source, dtype="int16")[0])
     assert all(10 <= len(p) / 16000 <= 20 for p in pieces[:-1])
     quiet = np.abs(np.concatenate(pieces).astype(np.int32))
@@ -270,7 +270,7 @@ def test_voxceleb_layout_and_excluded_trial_speakers(tmp_path, monkeypatch, caps
     trials.write_text("1 id10270/abcDEF_123/00001.wav id10270/xyz-789/00001.wav\n")
     out = tmp_path / "out"
     assert run("voxceleb", "--root", root, "--out", out, "--exclude-speakers", trials) == 0
-    got = {k: m for k, m, _ in samples(str(out))}
+    got = {s.key: s.meta for s in samples(str(out))}
     assert sorted(got)[0] == "voxceleb/id10001/abcDEF_123/00001"
     assert {m["speaker"] for m in got.values()} == {"id10001", "id10002"} and len(got) == 4
     assert got["voxceleb/id10002/xyz-789/00001"]["group"] == "voxceleb/id10002/xyz-789"
@@ -308,7 +308,7 @@ def test_musan_and_rir_metadata(tmp_path):
     write(musan / "extra" / "other.wav", speech(rng, 1.0))
     (musan / "README").write_text("MUSAN")
     assert run("musan", "--root", musan, "--out", tmp_path / "m") == 0
-    kinds = {k: m["kind"] for k, m, _ in samples(str(tmp_path / "m"))}
+    kinds = {s.key: s.meta["kind"] for s in samples(str(tmp_path / "m"))}
     assert kinds == {"musan/unknown/fma/music-0001": "music", "musan/unknown/free-sound/noise-0001": "noise",
                      "musan/unknown/librivox/speech-0001": "speech", "musan/unknown/noise/loose": "noise"}
     assert "extra/other.wav" in (tmp_path / "m" / "rejected.jsonl").read_text()
@@ -322,7 +322,7 @@ def test_musan_and_rir_metadata(tmp_path):
     write(rirs / "real_rirs_isotropic_noises" / "RVB2014_type1_rir_largeroom1_near_angla.wav", two_mics)
     write(rirs / "real_rirs_isotropic_noises" / "RVB2014_type1_noise_largeroom1_1.wav", two_mics)
     assert run("rir", "--root", rirs, "--out", tmp_path / "r") == 0
-    got = {k: (m, flac) for k, m, flac in samples(str(tmp_path / "r"))}
+    got = {s.key: (s.meta, s.flac) for s in samples(str(tmp_path / "r"))}
     assert len(got) == 7 and {m["kind"] for m, _ in got.values()} == {"rir"}
     assert got["rir/unknown/mediumroom_Room002/Room002-00001"][0]["room"] == "medium"
     real_meta, real_flac = got["rir/unknown/real/RVB2014_type1_rir_largeroom1_near_angla"]

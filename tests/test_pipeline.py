@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 from voxstream.pipeline.loader import Batch, group_ids, make_loader, views_to_device
+from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import CorruptShard
 from ramps import SR, config, make_set, ramp
 from voxstream.shards import storage
@@ -171,6 +172,23 @@ def test_cross_utterance_views_come_from_other_utterances_of_the_group(tmp_path)
     assert stats["fallbacks"] > 0 and 0 < stats["fallback_rate"] < 1
 
 
+def test_a_misspelt_counter_raises_and_the_trainer_logs_the_same_names(tmp_path):
+    stats = StreamStats()
+    with pytest.raises(AttributeError, match="shards_skiped"):
+        stats.shards_skiped += 1
+    with pytest.raises(AttributeError, match="peak_rss"):
+        stats.peak_rss = 1.0  # would otherwise become a field that nothing sums or logs
+    url = str(tmp_path)
+    make_set(url, [6])
+    loader = make_loader(config(url, workers=1, steps_per_epoch=2), 0, 0, 1)
+    list(loader)
+    assert set(loader.stats) == {
+        "shards_opened", "shards_skipped", "samples_read", "samples_skipped", "short_skipped", "short_padded",
+        "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds",
+        "peak_rss_mb", "peak_pss_mb", "peak_private_mb", "dup_group_rate", "fallback_rate"}
+    assert loader.stats["batches"] == 2 and loader.stats["peak_rss_mb"] > 0
+
+
 def test_group_aware_shuffle_avoids_two_samples_of_a_group_in_a_batch(tmp_path):
     url = str(tmp_path)
     make_set(url, [60], group_size=4)
@@ -278,7 +296,7 @@ def test_shards_read_as_a_webdataset(shard_set):
 def test_group_ids_are_equal_for_equal_names_in_every_process():
     ids = group_ids(Batch([], ["a", "b", "c"], ["s1", "s2", "s1"]), "cpu")
     assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1] and (ids >= 0).all()
-    code = "from pipeline.loader import Batch, group_ids; print(group_ids(Batch([], [], ['s1']), 'cpu').item())"
+    code = "from voxstream.pipeline.loader import Batch, group_ids; print(group_ids(Batch([], [], ['s1']), 'cpu').item())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"})  # another rank: another str hash
     assert int(other.stdout) == ids[0].item()

@@ -2,7 +2,6 @@
 retry policy of every shard reader and writer."""
 import io
 import logging
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from fsspec.implementations.local import LocalFileOpener
 from voxstream.model.embeddings import ShardAudio
 from voxstream.pipeline.banks import NOISE_KINDS, Bank, write_clip_set
 from voxstream.pipeline.sources import resolve
+from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import visit
 from voxstream.shards import format as fmt
 from voxstream.shards import storage
@@ -76,7 +76,7 @@ def test_keys_too_long_for_the_name_field_read_back_with_every_reader(tmp_path):
     assert [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)] == keys
     assert [k for k, _ in fmt.iter_tar(io.BytesIO(data))] == keys
     (shard,) = resolve(str(path)).shards
-    assert sorted(k for k, _, _ in visit(shard, np.random.default_rng(0), None, Counter(), Retry())) == keys
+    assert sorted(k for k, _, _ in visit(shard, np.random.default_rng(0), None, StreamStats(), Retry())) == keys
 
 
 def _flaky(fails: int, error: OSError = ConnectionResetError("connection reset by peer")):
@@ -167,7 +167,7 @@ def flaky_reads(monkeypatch):
 
 READERS = {
     "stream": lambda url, retry: [k for k, _, _ in visit(resolve(url).shards[0], np.random.default_rng(0), None,
-                                                        Counter(), retry)],
+                                                        StreamStats(), retry)],
     "bank": lambda url, retry: Bank.from_shards(url, NOISE_KINDS, 4000, 1 << 30, "cpu", retry=retry).data.tolist(),
     "ShardAudio": lambda url, retry: [i for i, _ in ShardAudio(url, lambda key: key, workers=1, retry=retry)],
 }

@@ -44,10 +44,10 @@ def test_a_worker_waits_for_its_slot_to_be_freed_before_reusing_it(shard_set):
     workers = Workers(make_loader(cfg, 0, 0, 1).plan, 1, slots=2)
     try:
         for step, want in enumerate(expected):
-            _, slot, keys, _, _ = workers.receive(step)
+            ready = workers.receive(step)
             time.sleep(0.3)  # a worker that did not wait for its credit would overwrite the slot by now
-            assert keys == want.keys
-            assert all(np.array_equal(got, v.numpy()) for got, v in zip(workers.ring.get(0, slot), want.views))
+            assert ready.keys == want.keys and ready.stats.batches == step + 1
+            assert all(np.array_equal(got, v.numpy()) for got, v in zip(workers.ring.get(0, ready.slot), want.views))
             workers.free(0)
     finally:
         workers.close()

@@ -33,8 +33,8 @@ from voxstream.pipeline.loader import DataConfig, make_loader
 from voxstream.pipeline.sources import open_shard
 from voxstream.pipeline.views import read_spans
 from voxstream.shards import corpora, storage
-from voxstream.shards.format import (MANIFEST, SAMPLE_RATE, Manifest, audio_frames, build_shard, decode_audio, encode_flac, iter_samples,
-                           sample_key, shard_name, shard_urls, write_manifest)
+from voxstream.shards.format import (MANIFEST, SAMPLE_RATE, Manifest, Sample, audio_frames, build_shard, decode_audio,
+                           encode_flac, iter_samples, sample_key, shard_name, shard_urls, write_manifest)
 from voxstream.shards.locals3 import local_s3
 from voxstream.shards.writer import WriteConfig, write_shards
 
@@ -79,7 +79,7 @@ def generate(root: Path, count: int, seconds: tuple[float, float], seed: int, pe
         meta = {"utt": f"u{u}", "corpus": "bench", "speaker": f"spk{group}", "session": f"g{group}",
                 "group": f"g{group}", "duration": n / SAMPLE_RATE, "num_samples": n,
                 "sample_rate": SAMPLE_RATE, "source": "synthetic"}
-        samples.append((key, meta, encode_flac(speechlike(rng, n))))
+        samples.append(Sample(key, meta, encode_flac(speechlike(rng, n))))
         if (len(samples) >= per_shard and left == 0) or u == count - 1:
             data, stats = build_shard(samples, shard_name("bench", len(shards)))
             storage.write_bytes(str(root / "shards" / stats.name), data)
@@ -165,7 +165,7 @@ def compare(name: str, shards: str, files: list[str], args, storage_options: dic
     loader = make_loader(cfg, 0, 0, 1)
     wall, cpu, _ = _measure(loader, steps)
     memory = [loader.stats[k] for k in ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")]
-    in_streams = sum(s["cpu_seconds"] for s in loader.per_stream.values())
+    in_streams = loader.stats["cpu_seconds"]  # summed over streams
 
     frames = [int(round(s * SAMPLE_RATE)) for s in args.views]
     sampler = RandomSampler(files, replacement=True, num_samples=pairs)

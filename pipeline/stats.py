@@ -1,0 +1,45 @@
+"""What a stream counts, in one place: each counter and what it means, and how the loader adds them up.
+
+A stream bumps its own StreamStats per sample and sends a copy with every batch (pickled, from a
+worker process). The class has slots and no instance dict, so a misspelt counter raises
+AttributeError where it is bumped instead of becoming a new key that nothing reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+
+@dataclass(slots=True)
+class StreamStats:
+    shards_opened: int = 0        # shard visits begun
+    shards_skipped: int = 0       # visits given up because the shard could not be read (logged with its URL)
+    samples_read: int = 0         # complete samples read from shards
+    samples_skipped: int = 0      # samples with bad metadata or a FLAC that does not hold what it announces
+    short_skipped: int = 0        # utterances under data.min_duration
+    short_padded: int = 0         # views longer than their utterance, filled by repeating it
+    cross_items: int = 0          # items made in cross-utterance mode
+    fallbacks: int = 0            # of those, the ones whose group had no other usable utterance
+    batches: int = 0
+    dup_group_batches: int = 0    # batches holding two items of one group: false negatives for a contrastive loss
+    cpu_seconds: float = 0.0      # the stream's process CPU time
+    # The peaks below are the largest over streams, not sums: each worker's own memory (the trainer's
+    # own without workers).
+    peak_rss_mb: float = 0.0      # resident (VmHWM), pages shared with other processes included
+    peak_pss_mb: float = 0.0      # proportional: each shared page split among the processes that map it
+    peak_private_mb: float = 0.0  # held by the process alone
+
+
+PEAKS = ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")
+
+
+def summary(streams: Iterable[StreamStats]) -> dict[str, float]:
+    """Every field over the streams (summed, or the largest for the peaks), with the rates the trainer logs."""
+    streams = list(streams)
+    out: dict[str, float] = {}
+    for name in (f.name for f in fields(StreamStats)):
+        values = [getattr(s, name) for s in streams]
+        out[name] = max(values, default=0.0) if name in PEAKS else sum(values)
+    out["dup_group_rate"] = out["dup_group_batches"] / max(1, out["batches"])
+    out["fallback_rate"] = out["fallbacks"] / max(1, out["cross_items"])
+    return out
