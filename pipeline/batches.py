@@ -132,8 +132,8 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
     stream, count = first % workers, len(range(first, cfg.steps_per_epoch, workers))
     chunk, skip = divmod(first // workers, cfg.chunk_steps)
     stats: Counter = Counter()
-    cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     compose = build_compose(plan.cpu_augment)  # None without CPU augmentation: no per-item work
+    cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     while count:
         rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
         augment_seeds = rng.spawn(1)[0]  # a child generator: the crops stay those drawn without augmentation

@@ -127,7 +127,7 @@ def build_compose(specs: list[dict]) -> Compose | None:
         name = kwargs.pop("name")
         try:
             transforms.append(_transform(name)(**kwargs))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # a wrong argument, or a value the transform rejects
             raise ValueError(f"augment.cpu: {name}: {e}") from None
     from audiomentations import Compose
 

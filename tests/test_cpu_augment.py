@@ -114,6 +114,8 @@ def test_bad_entries_fail_in_the_trainer_naming_the_entry(data, tmp_path):
     assert not (tmp_path / "c").exists()  # failed before copying anything
     with pytest.raises(ValueError, match="augment.cpu: Gain: .*min_gain_dbb"):
         prepare_cpu_augment([{"name": "Gain", "min_gain_dbb": 1.0}], str(tmp_path))
+    with pytest.raises(ValueError, match="augment.cpu: Gain: min_gain_db cannot be greater"):
+        prepare_cpu_augment([{"name": "Gain", "min_gain_db": 6.0, "max_gain_db": -6.0}], str(tmp_path))
     with pytest.raises(ValueError, match=r"augment.cpu\[1\]: expected \{name"):
         prepare_cpu_augment([{"name": "Gain"}, "Gain"], str(tmp_path))
 
