@@ -56,7 +56,7 @@ class AugmentConfig:
     channel_high_cut: list[float] = field(default_factory=lambda: [3400.0, 8000.0])  # Hz, log-uniform
     channel_eq_db: float = 6.0      # std of each EQ bump's gain, dB
     channel_tilt_db: float = 2.0    # std of the spectral tilt, dB per octave around 1 kHz
-    cpu: list[dict] = field(default_factory=list)  # audiomentations transforms for loader workers (cpu_augment.py)
+    cpu: list[dict] = field(default_factory=list)  # audiomentations transforms on every crop in the loader (cpu_augment.py)
     storage_options: dict = field(default_factory=dict)
 
 

@@ -14,6 +14,10 @@ loader's (same workers, batch size and world size). Every rank and worker reads 
 that changes every epoch, and no rank can run dry: streams resample shards forever, whatever their
 number and sizes.
 
+CPU augmentation (`augment.cpu`, pipeline/cpu_augment.py) runs on each delivered batch's crops,
+every item seeded from a child of its chunk's generator: batches stay a function of the chunk's
+seed, a resume gives the same augmented batches, and the crops it starts from are those without it.
+
 Shuffling. Items (int16 crops) wait in a buffer of `shuffle_buffer`; each draw picks a random item,
 retrying a few times when its group is already in the batch, because samples of a group sit together
 in a shard and a batch holding two of them gives the contrastive loss a false negative. The rate of
@@ -31,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
+from voxstream.pipeline.cpu_augment import augment_items, build_compose
 from voxstream.pipeline.sources import Corpus
 from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import mixed_samples
@@ -79,6 +84,7 @@ class Plan:
     epoch: int
     rank: int
     start_step: int
+    cpu_augment: list[dict] = field(default_factory=list)  # prepared augment.cpu entries (pipeline/cpu_augment.py)
 
 
 def _pick(buffer: list[TrainingItem], taken: set[str], rng: np.random.Generator) -> TrainingItem:
@@ -124,13 +130,18 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
     stream, count = first % workers, len(range(first, cfg.steps_per_epoch, workers))
     chunk, skip = divmod(first // workers, cfg.chunk_steps)
     stats = StreamStats()
+    compose = build_compose(plan.cpu_augment)  # None without CPU augmentation: no per-item work
     cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     while count:
         rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
+        augment_seeds = rng.spawn(1)[0]  # a child generator: the crops stay those drawn without augmentation
         for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, rng, stats)):
+            seeds = augment_seeds.integers(2**32, size=len(items))  # skipped batches draw too: resume replays them
             if skip:
                 skip -= 1
                 continue
+            if compose is not None:
+                augment_items(compose, items, seeds)
             cpu = time.process_time() - cpu0
             if i == 0 and cpu - sampled >= _SMAPS_EVERY_S:  # the buffer has just filled up
                 pss, private = smaps_mb()

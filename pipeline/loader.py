@@ -1,4 +1,4 @@
-"""Batches of positive views for SSL training: make_loader(cfg, epoch, rank, world_size, start_step).
+"""Batches of positive views for SSL training: make_loader(cfg, epoch, rank, world_size, start_step, cpu_augment).
 
 How a rank's steps are split into seeded streams and chunks, and how the shuffle buffer works, is in
 pipeline/batches.py; the worker processes that run the streams are in pipeline/workers.py.
@@ -97,11 +97,15 @@ class Loader:
         return summary(self.per_stream.values())
 
 
-def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0) -> Loader:
-    """The batches of one rank's epoch; `start_step` resumes mid-epoch (see pipeline/batches.py)."""
+def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0,
+                cpu_augment: list[dict] | None = None) -> Loader:
+    """The batches of one rank's epoch; `start_step` resumes mid-epoch (see pipeline/batches.py).
+    `cpu_augment`: the recipe's `augment.cpu` as `prepare_cpu_augment` returns it (its shard sets
+    already copied to local folders), run on every crop in the streams (pipeline/cpu_augment.py)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if not 0 <= start_step <= cfg.steps_per_epoch:
         raise ValueError(f"start_step {start_step} outside the epoch's {cfg.steps_per_epoch} steps")
     corpora, weights = resolve_all(cfg.train, cfg.weights, cfg.storage_options)
-    return Loader(Plan(cfg, corpora, weights, epoch, rank, start_step), cfg.steps_per_epoch - start_step)
+    plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []))
+    return Loader(plan, cfg.steps_per_epoch - start_step)

@@ -15,7 +15,7 @@ def test_pipeline_bench_reports_every_figure_against_its_baseline():
     rows = {row["figure"]: row for row in map(json.loads, out.stdout.splitlines())}
     assert set(rows) == {f"synthetic_{f}" for f in (
         "decode_pairs_per_core", "local_pairs_per_core", "local_pairs_per_second", "local_peak_rss_per_worker_mb",
-        "local_peak_pss_per_worker_mb", "local_peak_private_per_worker_mb")}
+        "local_peak_pss_per_worker_mb", "local_peak_private_per_worker_mb", "cpu_augment_pairs_per_core")}
     for row in rows.values():
         assert row["value"] > 0 and row["baseline"] > 0, row
     assert rows["synthetic_local_pairs_per_core"]["pairs"] == 16 * 2 * 8  # whole chunks of both workers

@@ -17,7 +17,7 @@ import torch
 
 from voxstream.pipeline.augment import Augmenter, AugmentConfig
 from voxstream.pipeline.banks import write_clip_set
-from voxstream.pipeline.cpu_augment import augment_crop, build_cpu_augment
+from voxstream.pipeline.cpu_augment import augment_crop, build_compose, prepare_cpu_augment
 from voxstream.shards.format import SAMPLE_RATE as SR
 
 NOISE_AND_REVERB = dict(p_none=0.0, p_reverb=0.0, p_noise=0.0, p_both=1.0)
@@ -100,11 +100,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def audiomentations_rate(noise_url: str, rir_url: str, crops: np.ndarray, cache: Path) -> float:
-    compose = build_cpu_augment([
+    compose = build_compose(prepare_cpu_augment([
         {"name": "ApplyImpulseResponse", "ir_path": rir_url, "p": 1.0},
         {"name": "AddBackgroundNoise", "sounds_path": noise_url, "kind": "noise",
          "min_snr_db": 0.0, "max_snr_db": 15.0, "p": 1.0},
-    ], str(cache / "cpu-cache"))
+    ], str(cache / "cpu-cache")))
     for crop in crops[:4]:  # warm-up: librosa's first load compiles and imports lazily
         augment_crop(compose, crop)
     start = time.perf_counter()

@@ -9,7 +9,8 @@ system, from getrusage of the reaped workers), so the figure holds on a busy mac
 the pipeline workers' start-up (a fresh interpreter and its imports, about 0.4 s per worker and
 pass), and wall-clock pairs/s are reported beside it. S3 is a SeaweedFS server on loopback (shards.locals3). The `decode`
 figures isolate the decoder: the same crops read in-process by the pipeline's span reader (dr_flac)
-and by decode_audio (libsndfile).
+and by decode_audio (libsndfile). The `cpu_augment` figure is the pipeline's pairs per core with a
+typical `augment.cpu` chain (CPU_CHAIN) against the same loader without it, in the same run.
 
 Data: speech-like synthetic utterances of 2-10 s (harmonic voiced segments with a wandering pitch,
 syllable envelopes, pauses and a noise floor), and with --speech DIR also a folder of real
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from voxstream.pipeline.banks import write_clip_set
 from voxstream.pipeline.batches import peak_rss_mb, smaps_mb
-from voxstream.pipeline.loader import DataConfig, make_loader
+from voxstream.pipeline.cpu_augment import prepare_cpu_augment
+from voxstream.pipeline.loader import DataConfig, Loader, make_loader
 from voxstream.pipeline.sources import open_shard
 from voxstream.pipeline.views import read_spans
 from voxstream.shards import corpora, storage
@@ -155,17 +158,28 @@ def _row(figure: str, value: float, baseline: float, unit: str, **extra) -> dict
             "ratio": round(value / baseline, 2) if baseline else None, "unit": unit, **extra}
 
 
-def compare(name: str, shards: str, files: list[str], args, storage_options: dict) -> list[dict]:
+def _config(shards: str, args, storage_options: dict) -> DataConfig:
     cfg = DataConfig(train=shards, views=args.views, batch_size=args.batch_size, workers=args.workers,
                      shuffle_buffer=args.shuffle_buffer, seed=args.seed, storage_options=storage_options)
     # Whole chunks per worker: every item a chunk decodes is delivered, so CPU per pair is exact.
     whole = cfg.chunk_steps * max(1, args.workers)
-    cfg.steps_per_epoch = steps = -(-args.steps // whole) * whole
+    cfg.steps_per_epoch = -(-args.steps // whole) * whole
+    return cfg
+
+
+def _pipeline(cfg: DataConfig, cpu_augment: list[dict] | None = None) -> tuple[Loader, float, float, float]:
+    """(loader, wall seconds, worker CPU seconds, CPU seconds inside the streams) of one epoch."""
+    loader = make_loader(cfg, 0, 0, 1, cpu_augment=cpu_augment)
+    wall, cpu, _ = _measure(loader, cfg.steps_per_epoch)
+    return loader, wall, cpu, loader.stats["cpu_seconds"]  # summed over streams
+
+
+def compare(name: str, shards: str, files: list[str], args, storage_options: dict) -> list[dict]:
+    cfg = _config(shards, args, storage_options)
+    steps = cfg.steps_per_epoch
     pairs = steps * args.batch_size
-    loader = make_loader(cfg, 0, 0, 1)
-    wall, cpu, _ = _measure(loader, steps)
+    loader, wall, cpu, in_streams = _pipeline(cfg)
     memory = [loader.stats[k] for k in ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")]
-    in_streams = loader.stats["cpu_seconds"]  # summed over streams
 
     frames = [int(round(s * SAMPLE_RATE)) for s in args.views]
     sampler = RandomSampler(files, replacement=True, num_samples=pairs)
@@ -206,9 +220,32 @@ def decode(name: str, shards: str, views: list[float], seed: int) -> dict:
                 "two-crop decodes per CPU second (dr_flac vs libsndfile)", views=views, pairs=len(crops))
 
 
+CPU_CHAIN = "Gain (-6 to 6 dB), then AddBackgroundNoise (5-15 dB SNR) from a shard set of 10-s noise clips"
+
+
+def cpu_augment_cost(name: str, shards: str, root: Path, args) -> dict:
+    """Pairs per worker CPU second with a typical augment.cpu chain on every crop, against none."""
+    rng = np.random.default_rng(args.seed)
+    noise = str(root / "cpu-augment-noise")
+    write_clip_set(noise, "musan", [("noise", rng.normal(0, rng.uniform(0.01, 0.1), 10 * SAMPLE_RATE)) for _ in range(8)])
+    chain = prepare_cpu_augment([
+        {"name": "Gain", "min_gain_db": -6.0, "max_gain_db": 6.0, "p": 1.0},
+        {"name": "AddBackgroundNoise", "sounds_path": noise, "min_snr_db": 5.0, "max_snr_db": 15.0, "p": 1.0},
+    ], str(root / "cpu-augment-cache"))
+    cfg = _config(shards, args, {})
+    pairs = cfg.steps_per_epoch * args.batch_size
+    _, _, plain, plain_steady = _pipeline(cfg)
+    _, _, augmented, steady = _pipeline(cfg, chain)
+    return _row(f"{name}_cpu_augment_pairs_per_core", pairs / augmented, pairs / plain,
+                "pairs per worker CPU second with augment.cpu (baseline: the same loader without it)",
+                steady=round(pairs / steady, 1), baseline_steady=round(pairs / plain_steady, 1), chain=CPU_CHAIN,
+                workers=args.workers, views=args.views, batch_size=args.batch_size, pairs=pairs)
+
+
 def measure(name: str, shards: str, root: Path, args) -> list[dict]:
     files = extract_files(shards, root / f"{name}-files")
-    rows = [decode(name, shards, args.views, args.seed), *compare(f"{name}_local", shards, files, args, {})]
+    rows = [decode(name, shards, args.views, args.seed), *compare(f"{name}_local", shards, files, args, {}),
+            cpu_augment_cost(name, shards, root, args)]
     if args.no_s3:
         return rows
     with local_s3(bucket="bench") as s3:
