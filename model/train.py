@@ -35,6 +35,7 @@ from voxstream.model.methods import build_method
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
 from voxstream.model.schedules import cosine, warmup_cosine
 from voxstream.pipeline.augment import Augmenter
+from voxstream.pipeline.cpu_augment import default_cache_dir, prepare_cpu_augment
 from voxstream.pipeline.loader import group_ids, make_loader, views_to_device
 from voxstream.shards import storage
 from voxstream.shards.format import MANIFEST
@@ -275,8 +276,14 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         ckpt = read_checkpoint(url, cfg.storage_options) if url else None
     start_step = ckpt["step"] if ckpt else 0
     epoch, skip = divmod(start_step, steps_per_epoch)
+    with storage_errors("augment.cpu"):  # its shard sets become local folders once, before any worker starts
+        try:
+            cpu_augment = prepare_cpu_augment(recipe.augment.cpu, default_cache_dir(cfg.out_dir),
+                                              recipe.augment.storage_options)
+        except ValueError as e:  # an entry audiomentations rejects: the message names it
+            raise RecipeError(str(e)) from None
     with storage_errors("data.train"):  # unreadable data fails here, before the model is built
-        loader = make_loader(data, epoch, rank, world, start_step=skip)
+        loader = make_loader(data, epoch, rank, world, start_step=skip, cpu_augment=cpu_augment)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     method = build_method(recipe.model, recipe.method).to(device)
@@ -313,7 +320,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     try:
         while state.step < total:
             if loader is None:  # the first epoch's was made before the model, to fail fast
-                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0)
+                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0, cpu_augment=cpu_augment)
             fetched = time.perf_counter()
             for batch in loader:
                 meter.waited += time.perf_counter() - fetched

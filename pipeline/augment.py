@@ -24,6 +24,7 @@ import torch
 
 from voxstream.pipeline.banks import KINDS, NOISE_KINDS, Bank
 from voxstream.shards.format import SAMPLE_RATE
+from voxstream.shards.storage import Retry
 
 CATEGORIES = ("noise", "music", "babble")
 CATEGORY_KIND = torch.tensor([KINDS.index(k) for k in ("noise", "music", "speech")])  # babble is speech
@@ -57,7 +58,13 @@ class AugmentConfig:
     channel_eq_db: float = 6.0      # std of each EQ bump's gain, dB
     channel_tilt_db: float = 2.0    # std of the spectral tilt, dB per octave around 1 kHz
     cpu: list[dict] = field(default_factory=list)  # audiomentations transforms on every crop in the loader (cpu_augment.py)
+    retry_attempts: int = 5         # tries per bank shard read before the rest of the shard is skipped
+    retry_backoff: float = 0.5      # seconds before the first retry, doubling after each (storage.Retry)
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.retry_attempts < 1 or self.retry_backoff < 0:
+            raise ValueError("augment.retry_attempts must be >= 1 and augment.retry_backoff >= 0")
 
 
 @dataclass
@@ -156,15 +163,15 @@ class Augmenter:
     def from_config(cls, cfg: AugmentConfig, device: torch.device | str, seed: int = 0) -> "Augmenter":
         """Fill the banks of `cfg` on `device` (a background refresh for sets above their budget).
         Give every rank its own seed (e.g. seed + rank) so that ranks draw differently."""
-        opts = cfg.storage_options
+        opts, retry = cfg.storage_options, Retry(cfg.retry_attempts, cfg.retry_backoff)
         noise = rirs = None
         if cfg.noise:
             noise = Bank.from_shards(cfg.noise, NOISE_KINDS, round(cfg.segment_seconds * SAMPLE_RATE),
-                                     int(cfg.noise_budget_mb * 2**20), device, seed, opts)
+                                     int(cfg.noise_budget_mb * 2**20), device, seed, opts, retry)
             noise.start_refresh(cfg.refresh_interval, cfg.refresh_fraction)
         if cfg.rir:
             rirs = Bank.from_shards(cfg.rir, ("rir",), round(cfg.rir_seconds * SAMPLE_RATE),
-                                    int(cfg.rir_budget_mb * 2**20), device, seed + 1, opts)
+                                    int(cfg.rir_budget_mb * 2**20), device, seed + 1, opts, retry)
             rirs.start_refresh(cfg.refresh_interval, cfg.refresh_fraction)
         return cls(cfg, noise, rirs, seed)
 

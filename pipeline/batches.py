@@ -41,6 +41,7 @@ from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import mixed_samples
 from voxstream.pipeline.views import TrainingItem, cross_utterance, same_utterance, view_frames
 from voxstream.shards.format import SAMPLE_RATE
+from voxstream.shards.storage import Retry
 
 MODES = ("same-utterance", "cross-utterance")
 _GROUP_TRIES = 8
@@ -62,6 +63,8 @@ class DataConfig:
     strict: bool = False  # raise on a broken shard instead of skipping it
     storage_options: dict = field(default_factory=dict)
     chunk_steps: int = 16  # batches per independently seeded chunk: the most a resume replays
+    retry_attempts: int = 5  # tries per shard open or read before the shard is skipped (storage.Retry)
+    retry_backoff: float = 0.5  # seconds before the first retry, doubling after each
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +76,12 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0 or self.min_duration <= 0:
             raise ValueError("data.workers must be >= 0 and data.min_duration > 0")
+        if self.retry_attempts < 1 or self.retry_backoff < 0:
+            raise ValueError("data.retry_attempts must be >= 1 and data.retry_backoff >= 0")
+
+    @property
+    def retry(self) -> Retry:
+        return Retry(self.retry_attempts, self.retry_backoff)
 
 
 @dataclass
@@ -100,7 +109,7 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np
            stats: StreamStats) -> Iterator[list[TrainingItem]]:
     """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
-    samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats)
+    samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats, cfg.retry)
     make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
     items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), rng, stats)
     to_read, buffer = cfg.chunk_steps * cfg.batch_size, []

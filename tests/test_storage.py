@@ -186,3 +186,27 @@ def test_a_shard_read_that_fails_midway_is_retried_by_every_reader(reader, tmp_p
         assert read(url, Retry(attempts=3)) == clean
     assert left == [0] and len(sleeps) == 2
     assert sum("connection reset" in m and "attempt" in m for m in caplog.messages) == 2
+
+
+def test_the_recipes_retry_keys_reach_the_stream_and_the_banks(tmp_path, flaky_reads, sleeps):
+    """data.retry_* and augment.retry_* are the policies the loader and the banks use."""
+    from voxstream.pipeline.augment import AugmentConfig, Augmenter
+    from voxstream.pipeline.loader import DataConfig, make_loader
+
+    rng = np.random.default_rng(0)
+    url = str(tmp_path / "set")
+    write_clip_set(url, "noise", [("noise", (rng.standard_normal(8000) * 3000).astype(np.int16)) for _ in range(12)])
+    data = dict(train=url, views=[0.25, 0.25], batch_size=4, workers=0, shuffle_buffer=8, steps_per_epoch=2,
+                chunk_steps=2, min_duration=0.3, strict=True)
+    flaky_reads(at=0, times=2)
+    assert len(list(make_loader(DataConfig(**data, retry_attempts=3), 0, 0, 1))) == 2
+    flaky_reads(at=0, times=2)
+    with pytest.raises(OSError, match="gave up after 2 attempts"):
+        list(make_loader(DataConfig(**data, retry_attempts=2), 0, 0, 1))
+    flaky_reads(at=0, times=2)
+    assert Augmenter.from_config(AugmentConfig(noise=url, retry_attempts=3), "cpu").noise.counts()[0] == 12
+    flaky_reads(at=0, times=2)
+    with pytest.raises(ValueError, match="no samples"):  # its only shard skipped after 2 attempts
+        Augmenter.from_config(AugmentConfig(noise=url, retry_attempts=2), "cpu")
+    with pytest.raises(ValueError, match="data.retry_attempts must be >= 1"):
+        DataConfig(**data, retry_attempts=0)

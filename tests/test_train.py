@@ -20,7 +20,7 @@ import yaml
 
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.methods import build_method
-from voxstream.model.recipe import TrainConfig, load_recipe, recipe_from_dict
+from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe, recipe_from_dict
 from voxstream.model.train import TrainingError, train, validate
 from voxstream.pipeline.banks import write_clip_set
 from voxstream.shards import storage
@@ -307,3 +307,22 @@ def test_validation_with_a_remote_out_dir_reads_s3_with_its_options_and_leaves_n
     assert 0 <= result["val_eer"] <= 1 and 0 <= result["val_min_dcf_0.01"] <= 1
     assert temp() == before
     assert method.training, "validation puts the method back in training mode"
+
+
+def test_augment_cpu_reaches_the_training_batches_and_a_bad_entry_is_a_recipe_error(local_sets, tmp_path,
+                                                                                    monkeypatch):
+    import voxstream.pipeline.batches as batches
+
+    augmented = []
+    original = batches.augment_items
+    monkeypatch.setattr(batches, "augment_items", lambda *a: augmented.append(len(a[1])) or original(*a))
+    recipe = tiny_recipe(tmp_path, local_sets)
+    chain = "augment.cpu=[{name: Gain, min_gain_db: -6, max_gain_db: 6, p: 1.0}]"
+    assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0", chain])) == STEPS_PER_EPOCH
+    assert len(augmented) == STEPS_PER_EPOCH and set(augmented) == {recipe_batch_size(recipe)}
+    with pytest.raises(RecipeError, match=r"^augment.cpu: 'Gian' is not an audiomentations transform"):
+        train(load_recipe(str(recipe), ["train.epochs=2", "data.workers=0", "augment.cpu=[{name: Gian}]"]))
+
+
+def recipe_batch_size(recipe: Path) -> int:
+    return yaml.safe_load(recipe.read_text())["data"]["batch_size"]
