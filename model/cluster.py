@@ -44,18 +44,8 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _global_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the points concatenated over ranks (rank order), every rank given the same `rows`."""
-    counts = distributed.gather(torch.tensor([len(x)], device=x.device))
-    first = int(counts[:distributed.rank()].sum())
-    mine = (rows >= first) & (rows < first + len(x))
-    out = torch.zeros(len(rows), x.shape[1], dtype=x.dtype, device=x.device)
-    out[mine] = x[rows[mine] - first]
-    return _sum(out)
-
-
-def _worst_served(x: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The n points, over all ranks, least similar to their centroid (the same on every rank)."""
+def _lowest(x: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The n points of lowest score over all ranks, in increasing score (the same on every rank)."""
     m = min(n, len(x))
     low, rows = scores.topk(m, largest=False)
     low = distributed.gather(F.pad(low, (0, n - m), value=float("inf")))  # short ranks offer padding
@@ -64,25 +54,29 @@ def _worst_served(x: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, priority: torch.Tensor | None = None,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids [k, D] unit rows, labels [N] of this rank's points) of unit-norm x [N, D].
 
-    Under torchrun every rank passes its own points and gets the same centroids.
+    The k points of lowest `priority` (one number a point, e.g. a hash of its key; random from `seed`
+    when None) start as centroids: priorities that follow the points make the result independent of
+    their order and of how they are split over ranks. Under torchrun every rank passes its own
+    points and gets the same centroids.
     """
     total = int(_sum(torch.tensor([len(x)], device=x.device)))
     if not 1 <= k <= total:
         raise ValueError(f"k-means: {k} clusters for {total} points")
-    g = torch.Generator().manual_seed(seed)  # the same draws on every rank
-    centroids = _global_rows(x, torch.randperm(total, generator=g)[:k].to(x.device))
+    if priority is None:
+        priority = torch.rand(len(x), generator=torch.Generator().manual_seed(seed + 7919 * distributed.rank()))
+    centroids = _lowest(x, priority.to(x.device, torch.float64), k)
     for _ in range(iterations):
         labels, scores = assign(x, centroids)
         sums = _sum(torch.zeros_like(centroids).index_add_(0, labels, x))
         counts = _sum(torch.bincount(labels, minlength=k))
         empty = (counts == 0).nonzero().squeeze(1)
         centroids = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centroids)
-        if len(empty):
-            centroids[empty] = _worst_served(x, scores, len(empty))
+        if len(empty):  # the points the clustering serves worst become the empty clusters' centroids
+            centroids[empty] = _lowest(x, scores, len(empty))
     return centroids, assign(x, centroids)[0]
 
 

@@ -48,12 +48,12 @@ def test_kmeans_alone_over_segments_but_stays_pure():
 
 
 def test_empty_clusters_are_reseeded():
-    """Seed 0 starts two centroids on copies of one point: the second loses every tie and stays
+    """Seed 1 starts two centroids on copies of one point: the second loses every tie and stays
     empty for good unless it is re-seeded (with the point the clustering serves worst)."""
     g = torch.Generator().manual_seed(0)
     spread = F.normalize(torch.tensor([0.0, 1.0, 0.0]) + 0.3 * torch.randn(5, 3, generator=g), dim=1)
     x = torch.cat([torch.tensor([[1.0, 0.0, 0.0]] * 5), spread])
-    centroids, labels = spherical_kmeans(x, 3, iterations=3, seed=0)
+    centroids, labels = spherical_kmeans(x, 3, iterations=3, seed=1)
     assert len(labels.unique()) == 3
 
 
@@ -74,6 +74,9 @@ def test_bad_counts_are_errors():
         ahc(x[:2], 3)
 
 
+PRIORITY = torch.rand(800, generator=torch.Generator().manual_seed(3))  # one per point, wherever it is
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,8 +89,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     try:
         x, _ = planted()
-        mine = x[:500] if rank == 0 else x[500:]  # unequal shares, in rank order
-        centroids, labels = spherical_kmeans(mine, 60, seed=1)
+        share = slice(0, 500) if rank == 0 else slice(500, None)  # unequal shares
+        centroids, labels = spherical_kmeans(x[share], 60, priority=PRIORITY[share])
         torch.save({"centroids": centroids, "labels": labels}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -98,7 +101,7 @@ def test_two_ranks_find_the_clusters_of_all_their_points(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(ranks[0]["centroids"], ranks[1]["centroids"])
     x, truth = planted()
-    centroids, labels = spherical_kmeans(x, 60, seed=1)  # one process over every point
+    centroids, labels = spherical_kmeans(x, 60, priority=PRIORITY)  # one process over every point
     assert torch.allclose(ranks[0]["centroids"], centroids, atol=1e-5)
     both = torch.cat([r["labels"] for r in ranks])
     assert (both == labels).float().mean() > 0.99
