@@ -125,3 +125,35 @@ def test_two_ranks_share_the_shards_and_write_the_labels_of_one_process(tmp_path
     a, b = read_labels(two.out), read_labels(one.out)
     assert list(a.keys) == list(b.keys)
     assert np.array_equal(a.labels, b.labels)
+
+
+@pytest.mark.slow
+def test_command_line_under_torchrun_labels_every_utterance(tmp_path, tones):
+    """tools/pseudo_label.py with a real checkpoint on 2 gloo ranks: one JSON line, a complete labels file."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from voxstream.model.checkpoint import CHECKPOINT_FORMAT
+    from voxstream.model.encoders import EncoderConfig
+    from voxstream.model.methods import build_method
+    from voxstream.model.methods.simclr import Config as SimCLRConfig
+
+    url, speaker_of = tones
+    enc_cfg, method_cfg = EncoderConfig(channels=16, embed_dim=8, n_mels=40), SimCLRConfig()
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "recipe": {"model": asdict(enc_cfg), "method": asdict(method_cfg)},
+                "method": build_method(enc_cfg, method_cfg).state_dict(), "step": 1}, ckpt)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pseudo_label.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tool),
+           "--checkpoint", str(ckpt), "--shards", url, "--out", str(tmp_path / "labels.npz"),
+           "--work", str(tmp_path / "work"), "--kmeans", "12", "--clusters", "6", "--workers", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["utterances"] == len(speaker_of) and stats["clusters"] == 6 and "nmi" in stats
+    assert stats["embedding"]["utt_per_cpu_s"] > 0
+    assert sorted(read_labels(str(tmp_path / "labels.npz")).keys) == sorted(speaker_of)
