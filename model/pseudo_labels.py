@@ -27,8 +27,8 @@ from voxstream.model import distributed
 from voxstream.model.cluster import ahc, nmi, purity, spherical_kmeans
 from voxstream.model.embeddings import EmbedOptions, extract
 from voxstream.shards import storage
-from voxstream.shards.format import decode_audio, iter_samples, read_manifest
-from voxstream.shards.labels import key_hash, write_labels
+from voxstream.shards.format import decode_audio, iter_samples, read_manifest, shard_urls
+from voxstream.shards.labels import stable_hash, write_labels
 
 
 @dataclass
@@ -121,7 +121,7 @@ def cluster_and_write(cfg: PseudoLabelConfig) -> dict | None:
     started = time.perf_counter()
     x = F.normalize(torch.from_numpy(emb).to(cfg.device), dim=1)
     # Priorities from the keys: the same clusters whatever the number of ranks and their shares.
-    priority = torch.tensor([key_hash(f"{cfg.seed}:{k}") / 2.0 ** 63 for k in keys], dtype=torch.float64)
+    priority = torch.tensor([stable_hash(f"{cfg.seed}:{k}") / 2.0 ** 63 for k in keys], dtype=torch.float64)
     centroids, assigned = spherical_kmeans(x, cfg.kmeans, cfg.iterations, priority)
     merged = ahc(centroids, cfg.clusters) if cfg.clusters else np.arange(cfg.kmeans)
     labels = merged[assigned.cpu().numpy()]
@@ -136,10 +136,32 @@ def cluster_and_write(cfg: PseudoLabelConfig) -> dict | None:
     labels = np.concatenate([p[1] for p in parts])
     speakers = [s for p in parts for s in p[2]]
     stats = {**_statistics(labels, speakers), "cluster_seconds": round(seconds, 2)}
-    manifest = read_manifest(cfg.shards, cfg.storage_options)
-    info = {"kind": "pseudo-speakers", "shards": cfg.shards,
-            "set": [{"name": s["name"], "sha256": s.get("sha256")} for s in manifest.shards],
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "device")},
-            "statistics": stats}
-    write_labels(cfg.out, keys, labels, info, cfg.storage_options)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "device")}
+    write_labels(cfg.out, keys, labels, _info("pseudo-speakers", cfg.shards, settings, stats, cfg.storage_options),
+                 cfg.storage_options)
     return stats
+
+
+def metadata_labels(shards: str, out: str, field: str = "speaker", storage_options: dict | None = None) -> dict:
+    """A labels file from the metadata's `field` (the speaker): the supervised baseline takes the same
+    path as pseudo-labels. Utterances without the field are left unlabeled."""
+    keys, names = [], []
+    for shard in shard_urls(shards, storage_options):
+        for sample in iter_samples(shard, storage_options):
+            if sample.meta.get(field):
+                keys.append(sample.key)
+                names.append(str(sample.meta[field]))
+    if not keys:
+        raise ValueError(f"{shards}: no sample has metadata field {field!r}")
+    classes, labels = np.unique(names, return_inverse=True)
+    stats = {"utterances": len(keys), "clusters": len(classes)}
+    write_labels(out, keys, labels, _info(f"metadata {field}", shards, {"field": field}, stats, storage_options),
+                 storage_options)
+    return stats
+
+
+def _info(kind: str, shards: str, settings: dict, stats: dict, storage_options: dict | None) -> dict:
+    """What a labels file says about itself: the shards it describes (checked when it is joined)."""
+    manifest = read_manifest(shards, storage_options)
+    return {"kind": kind, "shards": shards, "set": [{"name": s["name"], "sha256": s.get("sha256")} for s in manifest.shards],
+            "settings": settings, "statistics": stats}

@@ -1,17 +1,13 @@
 """Clustering into pseudo-speakers: planted clusters recovered in one process and across 2 gloo ranks."""
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.metrics import normalized_mutual_info_score
 from torch.nn import functional as F
 
+from ranks import run_ranks
 from voxstream.model.cluster import ahc, assign, nmi, purity, spherical_kmeans
 
 
@@ -77,28 +73,15 @@ def test_bad_counts_are_errors():
 PRIORITY = torch.rand(800, generator=torch.Generator().manual_seed(3))  # one per point, wherever it is
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _cluster_a_share(rank: int, world: int) -> dict:
+    x, _ = planted()
+    share = slice(0, 500) if rank == 0 else slice(500, None)  # unequal shares
+    centroids, labels = spherical_kmeans(x[share], 60, priority=PRIORITY[share])
+    return {"centroids": centroids, "labels": labels}
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        x, _ = planted()
-        share = slice(0, 500) if rank == 0 else slice(500, None)  # unequal shares
-        centroids, labels = spherical_kmeans(x[share], 60, priority=PRIORITY[share])
-        torch.save({"centroids": centroids, "labels": labels}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_ranks_find_the_clusters_of_all_their_points(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_two_ranks_find_the_clusters_of_all_their_points():
+    ranks = run_ranks(_cluster_a_share)
     assert torch.equal(ranks[0]["centroids"], ranks[1]["centroids"])
     x, truth = planted()
     centroids, labels = spherical_kmeans(x, 60, priority=PRIORITY)  # one process over every point

@@ -326,3 +326,25 @@ def test_augment_cpu_reaches_the_training_batches_and_a_bad_entry_is_a_recipe_er
 
 def recipe_batch_size(recipe: Path) -> int:
     return yaml.safe_load(recipe.read_text())["data"]["batch_size"]
+
+
+def test_aam_trains_on_the_metadatas_speakers_and_its_margin_survives_the_checkpoint(local_sets, tmp_path):
+    """The supervised baseline through the pseudo-label path: speakers -> labels file -> AAM."""
+    from voxstream.model.pseudo_labels import metadata_labels
+
+    labels = str(tmp_path / "speakers.npz")
+    assert metadata_labels(local_sets, labels)["clusters"] == 4
+    recipe = tiny_recipe(tmp_path, local_sets)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["method"] = {"name": "aam", "classes": 4, "margin": 0.2, "margin_start": 0.0, "margin_end": 0.5}
+    recipe.write_text(yaml.safe_dump(tree))
+    with pytest.raises(RecipeError, match="^method.name: aam trains on classes: set data.labels"):
+        train(load_recipe(str(recipe), ["data.workers=0"]))
+    with pytest.raises(RecipeError, match=r"^method.classes: 3, but .*speakers.npz has labels up to 3"):
+        train(load_recipe(str(recipe), ["data.workers=0", f"data.labels={labels}", "method.classes=3"]))
+    assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0", f"data.labels={labels}"])) \
+        == STEPS_PER_EPOCH
+    method, _ = load_method(str(tmp_path / "run" / "last.pt"))
+    assert method.margin == 0.2  # the host copy of the schedule, read back from the checkpoint
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records if "loss" in r)

@@ -1,4 +1,4 @@
-"""AAM-softmax (additive angular margin, ArcFace; Deng et al. 2019) over the batch's groups as classes.
+"""AAM-softmax (additive angular margin, ArcFace; Deng et al. 2019) over the batch's labels as classes.
 
 With a labels file (`data.labels`) the groups are pseudo-speakers: the classifier learns what
 clustering found, as in Miara, Lepage & Dehak (AHC pseudo-speakers, margin 0.2, scale 30) and in
@@ -66,10 +66,16 @@ class AAM(SSLMethod):
         if cfg.classes < 2:
             raise ValueError(f"method.classes: need the number of classes in data.labels (>= 2), got {cfg.classes}")
         self.weight = nn.Parameter(torch.randn(cfg.classes, embed_dim) * 0.01)
-        self.margin = 0.0  # host number from after_step: no device sync in forward
+        # The margin is a host number (no device read in a step); the buffer carries it across a resume.
+        self.margin = 0.0
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+
+    def view_counts(self) -> tuple[int, int | None]:
+        return 1, None  # every view is one more sample of its class
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.check_views(views)
         if groups is None:
             raise ValueError("aam needs class labels: set data.labels to a labels file")
         embeddings = encode_views(self.encoder, views)
@@ -83,4 +89,9 @@ class AAM(SSLMethod):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        self.margin = margin_at(step / max(total_steps, 1), self.cfg)
+        progress = (step + 1) / max(total_steps, 1)  # the share of training done
+        self.progress.fill_(progress)
+        self.margin = margin_at(progress, self.cfg)
+
+    def restore_host_state(self) -> None:
+        self.margin = margin_at(self.progress.item(), self.cfg)
