@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from voices import utterances, voices
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe, recipe_from_dict
@@ -31,29 +32,14 @@ STEPS_PER_EPOCH, EPOCHS = 8, 3
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 
 
-def speechlike(rng: np.random.Generator, f0: float, formants: np.ndarray, seconds: float) -> np.ndarray:
-    """A harmonic source at a wobbling pitch, shaped by a speaker's formants, with syllable-rate bursts."""
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    pitch = f0 * (1 + 0.06 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)))
-    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
-    source = sum(np.sin(k * phase) / k for k in range(1, 12)) + 0.3 * rng.standard_normal(n)
-    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    shape = sum(np.exp(-0.5 * ((freqs - f) / 120) ** 2) for f in formants) + 0.05
-    wave = np.fft.irfft(np.fft.rfft(source) * shape, n)
-    wave *= 0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(3, 5) * t + rng.uniform(0, 6)) ** 2
-    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
-
-
 def write_speech_set(url: str, speakers: int = 8, sessions: int = 2, utts: int = 3, shards: int = 2) -> None:
     """A complete shard set (manifest last) of speech-like utterances, sessions contiguous."""
-    rng = np.random.default_rng(0)
+    g, speaker_voices = torch.Generator().manual_seed(0), voices(speakers, seed=0)
     samples = []
     for s in range(speakers):
-        f0, formants = rng.uniform(90, 250), np.sort(rng.uniform(300, 3500, 3))
         for v in range(sessions):
             for u in range(utts):
-                wave = speechlike(rng, f0, formants, seconds=2.0)
+                wave = 0.5 * utterances(speaker_voices[s:s + 1], 2.0, g)[0].numpy()
                 spk, session, utt = f"spk{s}", f"s{s}v{v}", f"{u:05d}"
                 meta = {"utt": utt, "corpus": "synth", "speaker": spk, "session": session, "group": session,
                         "duration": len(wave) / SAMPLE_RATE, "num_samples": len(wave),
