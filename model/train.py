@@ -39,6 +39,7 @@ from voxstream.pipeline.cpu_augment import default_cache_dir, prepare_cpu_augmen
 from voxstream.pipeline.loader import group_ids, make_loader, views_to_device
 from voxstream.shards import storage
 from voxstream.shards.format import MANIFEST
+from voxstream.shards.labels import read_labels
 
 
 class TrainingError(RuntimeError):
@@ -156,6 +157,18 @@ def storage_errors(key: str) -> Iterator[None]:
         raise TrainingError(f"{key}: {type(e).__name__}: {e}") from e
 
 
+def check_classes(recipe: Recipe) -> None:
+    """A method over classes (AAM) needs data.labels, with every label below method.classes."""
+    classes = getattr(recipe.method, "classes", None)
+    if classes is None:
+        return
+    if not recipe.data.labels:
+        raise RecipeError(f"method.name: {recipe.method.name} trains on classes: set data.labels to a labels file")
+    labels = read_labels(recipe.data.labels, recipe.data.storage_options).labels
+    if labels.size and int(labels.max()) >= classes:
+        raise RecipeError(f"method.classes: {classes}, but {recipe.data.labels} has labels up to {int(labels.max())}")
+
+
 def check_outputs(recipe: Recipe) -> None:
     """Fail before any training if the run could not write its results."""
     cfg = recipe.train
@@ -269,6 +282,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     cfg, data, optim, rank, world = recipe.train, recipe.data, recipe.optim, distributed.rank(), distributed.world_size()
     with storage_errors("train.out_dir"):
         check_outputs(recipe)
+    with storage_errors("data.labels"):
+        check_classes(recipe)
     steps_per_epoch, utterances_per_step = data.steps_per_epoch, data.batch_size * world
     total, warmup = cfg.epochs * steps_per_epoch, round(optim.warmup_epochs * steps_per_epoch)
     with storage_errors("train.out_dir"):

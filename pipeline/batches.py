@@ -41,6 +41,7 @@ from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import mixed_samples
 from voxstream.pipeline.views import TrainingItem, cross_utterance, same_utterance, view_frames
 from voxstream.shards.format import SAMPLE_RATE
+from voxstream.shards.labels import Labels, read_labels
 from voxstream.shards.storage import Retry
 
 MODES = ("same-utterance", "cross-utterance")
@@ -65,6 +66,7 @@ class DataConfig:
     chunk_steps: int = 16  # batches per independently seeded chunk: the most a resume replays
     retry_attempts: int = 5  # tries per shard open or read before the shard is skipped (storage.Retry)
     retry_backoff: float = 0.5  # seconds before the first retry, doubling after each
+    labels: str = ""  # labels file (shards/labels.py): its labels become the groups; unlabeled utterances are skipped
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,13 +107,13 @@ def _pick(buffer: list[TrainingItem], taken: set[str], rng: np.random.Generator)
     return buffer.pop()
 
 
-def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
-           stats: StreamStats) -> Iterator[list[TrainingItem]]:
+def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], labels: Labels | None,
+           rng: np.random.Generator, stats: StreamStats) -> Iterator[list[TrainingItem]]:
     """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
     samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats, cfg.retry)
     make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
-    items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), rng, stats)
+    items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), labels, rng, stats)
     to_read, buffer = cfg.chunk_steps * cfg.batch_size, []
     try:
         for _ in range(cfg.chunk_steps):
@@ -140,11 +142,12 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
     chunk, skip = divmod(first // workers, cfg.chunk_steps)
     stats = StreamStats()
     compose = build_compose(plan.cpu_augment)  # None without CPU augmentation: no per-item work
+    labels = read_labels(cfg.labels, cfg.storage_options) if cfg.labels else None  # hashes and labels only
     cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     while count:
         rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
         augment_seeds = rng.spawn(1)[0]  # a child generator: the crops stay those drawn without augmentation
-        for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, rng, stats)):
+        for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, labels, rng, stats)):
             seeds = augment_seeds.integers(2**32, size=len(items))  # skipped batches draw too: resume replays them
             if skip:
                 skip -= 1

@@ -10,7 +10,6 @@ each batch out as it arrives (into pinned memory on CUDA, where a copy was neede
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,9 +18,10 @@ import numpy as np
 import torch
 
 from voxstream.pipeline.batches import DataConfig, Plan, by_view, stream_batches
-from voxstream.pipeline.sources import resolve_all
+from voxstream.pipeline.sources import Corpus, resolve_all
 from voxstream.pipeline.stats import StreamStats, summary
 from voxstream.pipeline.workers import Workers
+from voxstream.shards.labels import read_labels, stable_hash
 
 __all__ = ["Batch", "DataConfig", "Loader", "group_ids", "make_loader", "views_to_device"]
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Batch:
     views: list[torch.Tensor]  # each [B, T_v] int16
     keys: list[str]
     groups: list[str]
+    labels: list[int] | None = None  # the items' (pseudo-)speakers when data.labels is set
 
 
 def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tensor]:
@@ -41,10 +42,11 @@ def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tens
 
 
 def group_ids(batch: Batch, device: torch.device | str) -> torch.Tensor:
-    """int64 [B] ids of the items' groups on `device`, equal on every rank for equal group names
-    (a hash of the name, not Python's per-process one): methods with negatives leave pairs of one
-    group out of them, since a shuffle buffer cannot keep every batch free of repeated groups."""
-    ids = [int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") >> 1 for g in batch.groups]
+    """int64 [B] ids of the items' groups on `device`, equal on every rank: the labels themselves with
+    data.labels (AAM's classes), else a stable hash of the group name (not Python's per-process one).
+    Methods with negatives leave pairs of one group out of them, since a shuffle buffer cannot keep
+    every batch free of repeated groups."""
+    ids = batch.labels if batch.labels is not None else [stable_hash(g) for g in batch.groups]
     return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
 
 
@@ -77,7 +79,8 @@ class Loader:
             for items, stats in stream_batches(self.plan, 0, 1):
                 self.per_stream[0] = stats
                 views = [_tensor(rows, pin) for rows in by_view(items, len(cfg.views))]
-                yield Batch(views, [it.key for it in items], [it.group for it in items])
+                yield Batch(views, [it.key for it in items], [it.group for it in items],
+                            [it.label for it in items] if cfg.labels else None)
         else:
             workers = Workers(self.plan, cfg.workers, _SLOTS)
             try:
@@ -86,7 +89,7 @@ class Loader:
                     self.per_stream[ready.worker] = ready.stats
                     views = [_tensor(v, pin) for v in workers.ring.get(ready.worker, ready.slot)]
                     workers.free(ready.worker)
-                    yield Batch(views, ready.keys, ready.groups)
+                    yield Batch(views, ready.keys, ready.groups, ready.labels if cfg.labels else None)
             finally:
                 workers.close()
         log.info("pipeline epoch %d rank %d: %s", self.plan.epoch, self.plan.rank, self.stats)
@@ -107,5 +110,21 @@ def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_s
     if not 0 <= start_step <= cfg.steps_per_epoch:
         raise ValueError(f"start_step {start_step} outside the epoch's {cfg.steps_per_epoch} steps")
     corpora, weights = resolve_all(cfg.train, cfg.weights, cfg.storage_options)
+    if cfg.labels:
+        check_labels(cfg.labels, corpora, cfg.storage_options)
     plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []))
     return Loader(plan, cfg.steps_per_epoch - start_step)
+
+
+def check_labels(url: str, corpora: list[Corpus], storage_options: dict | None = None) -> None:
+    """A labels file must describe one of the training sets: the shards it was made from (its
+    info's `set`) are those of one corpus, by name and checksum."""
+    made_from = read_labels(url, storage_options).info.get("set")
+    if made_from is None:
+        return  # made by hand: trusted
+    wanted = sorted((s["name"], s.get("sha256")) for s in made_from)
+    for corpus in corpora:
+        if sorted((s.url.rsplit("/", 1)[-1], s.sha256) for s in corpus.shards) == wanted:
+            return
+    raise ValueError(f"data.labels {url}: made for another shard set ({len(wanted)} shards, first "
+                     f"{wanted[0][0] if wanted else 'none'}), not for any of data.train")

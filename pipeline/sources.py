@@ -23,6 +23,7 @@ from voxstream.shards import storage
 class Shard:
     url: str
     size: int | None = None  # bytes, from the manifest; None when the spec named the shard directly
+    sha256: str | None = None  # from the manifest, likewise
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def resolve(spec: str, storage_options: dict | None = None) -> Corpus:
         urls = [url for pattern in spec.split("::") for url in braceexpand(pattern)]
         return Corpus(spec, tuple(Shard(u) for u in urls))
     manifest = shard_format.read_manifest(spec, storage_options)
-    shards = tuple(Shard(storage.join(spec, s["name"]), s.get("bytes")) for s in manifest.shards)
+    shards = tuple(Shard(storage.join(spec, s["name"]), s.get("bytes"), s.get("sha256")) for s in manifest.shards)
     if not shards:
         raise ValueError(f"{spec}: manifest lists no shards")
     return Corpus(spec, shards)

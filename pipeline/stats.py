@@ -18,6 +18,7 @@ class StreamStats:
     samples_skipped: int = 0      # samples with bad metadata or a FLAC that does not hold what it announces
     short_skipped: int = 0        # utterances under data.min_duration
     short_padded: int = 0         # views longer than their utterance, filled by repeating it
+    unlabeled: int = 0            # utterances skipped because data.labels has no label for them
     cross_items: int = 0          # items made in cross-utterance mode
     fallbacks: int = 0            # of those, the ones whose group had no other usable utterance
     batches: int = 0

@@ -26,6 +26,7 @@ from miniaudio import ffi as _ffi, lib as _dr
 from voxstream.pipeline.stats import StreamStats
 from voxstream.pipeline.stream import group_of
 from voxstream.shards.format import SAMPLE_RATE, Sample
+from voxstream.shards.labels import Labels
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 64
@@ -41,6 +42,7 @@ class TrainingItem:
     key: str
     group: str
     views: list[np.ndarray]  # int16, one per view length
+    label: int = -1  # its (pseudo-)speaker from data.labels; -1 without labels
 
 
 class Utterance(NamedTuple):
@@ -49,6 +51,7 @@ class Utterance(NamedTuple):
     group: str
     flac: bytes
     length: int  # samples
+    label: int = -1
 
 
 class CorruptSample(ValueError):
@@ -89,7 +92,7 @@ def read_spans(key: str, flac: bytes, spans: list[tuple[int, int]]) -> list[np.n
 
 def crops(utterance: Utterance, frames: list[int], rng: np.random.Generator, stats: StreamStats) -> list[np.ndarray]:
     """One crop per entry of `frames` at independent random offsets of the utterance."""
-    key, _, flac, length = utterance
+    key, flac, length = utterance.key, utterance.flac, utterance.length
     starts = [int(rng.integers(length - f + 1)) if f <= length else -1 for f in frames]
     out: list[np.ndarray | None] = [None] * len(frames)
     if min(starts) < 0:  # some view is longer than the utterance: repeat it
@@ -123,7 +126,9 @@ def _length(sample: Sample) -> int:
         raise CorruptSample(f"{sample.key}: metadata has no num_samples") from None
 
 
-def _usable(samples: Iterable[Sample], min_frames: int, stats: StreamStats) -> Iterator[Utterance]:
+def _usable(samples: Iterable[Sample], min_frames: int, labels: Labels | None,
+            stats: StreamStats) -> Iterator[Utterance]:
+    """Samples with a length, long enough and, with `labels`, labelled: the label is then the group."""
     for sample in samples:
         try:
             length = _length(sample)
@@ -134,19 +139,26 @@ def _usable(samples: Iterable[Sample], min_frames: int, stats: StreamStats) -> I
         if length < min_frames:
             stats.short_skipped += 1
             continue
-        yield Utterance(sample.key, group_of(sample), sample.flac, length)
+        if labels is None:
+            yield Utterance(sample.key, group_of(sample), sample.flac, length)
+            continue
+        label = labels.lookup(sample.key)
+        if label < 0:
+            stats.unlabeled += 1
+            continue
+        yield Utterance(sample.key, f"label-{label}", sample.flac, length, label)
 
 
-def same_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int,
+def same_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int, labels: Labels | None,
                    rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
-    for utterance in _usable(samples, min_frames, stats):
+    for utterance in _usable(samples, min_frames, labels, stats):
         try:
             views = crops(utterance, frames, rng, stats)
         except CorruptSample as e:
             stats.samples_skipped += 1
             log.warning("sample skipped: %s", e)
             continue
-        yield TrainingItem(utterance.key, utterance.group, views)
+        yield TrainingItem(utterance.key, utterance.group, views, utterance.label)
 
 
 def _group_runs(usable: Iterable[Utterance]) -> Iterator[list[Utterance]]:
@@ -156,10 +168,10 @@ def _group_runs(usable: Iterable[Utterance]) -> Iterator[list[Utterance]]:
             yield run[i:i + MAX_GROUP]
 
 
-def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int,
+def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int, labels: Labels | None,
                     rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
     """One item per utterance of each group: its first view from it, the others from the rest of the group."""
-    for run in _group_runs(_usable(samples, min_frames, stats)):
+    for run in _group_runs(_usable(samples, min_frames, labels, stats)):
         for anchor in range(len(run)):
             stats.cross_items += 1
             others = [i for i in range(len(run)) if i != anchor]
@@ -178,4 +190,4 @@ def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: in
                 stats.samples_skipped += 1
                 log.warning("sample skipped: %s", e)
                 continue
-            yield TrainingItem(run[anchor].key, run[anchor].group, views)
+            yield TrainingItem(run[anchor].key, run[anchor].group, views, run[anchor].label)

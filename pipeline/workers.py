@@ -8,7 +8,7 @@ the middle of a step: the trainer stops them itself, and they exit when it dies 
 
 Protocol, per worker, over two pipes. The trainer sends the stream's Plan and the ring's layout
 (pipeline/ring.py; the ring's descriptor is inherited). The worker stacks each batch into its next
-slot and sends ("batch", slot, keys, groups, stats), which `receive` hands on as a Ready. It may
+slot and sends ("batch", slot, keys, groups, labels, stats), which `receive` hands on as a Ready. It may
 fill all `slots` slots ahead; after that it waits for a credit before each batch, which the trainer
 sends once it has copied a batch out, so a slot is never overwritten before it has been read. An
 exception in a worker is sent back (with its traceback) and raised in the trainer.
@@ -37,6 +37,7 @@ class Ready(NamedTuple):
     slot: int
     keys: list[str]
     groups: list[str]
+    labels: list[int]
     stats: StreamStats  # the worker's stream's, so far
 
 
@@ -111,7 +112,8 @@ def _serve(tasks: Connection, results: Connection, ring_fd: int) -> None:
                 tasks.recv_bytes()  # a credit: the trainer has copied out the batch that held this slot
             slot = produced % layout.slots
             ring.put(worker, slot, by_view(items, len(layout.frames)))
-            results.send(("batch", slot, [it.key for it in items], [it.group for it in items], stats))
+            results.send(("batch", slot, [it.key for it in items], [it.group for it in items],
+                          [it.label for it in items], stats))
     except (EOFError, BrokenPipeError):
         return  # the trainer has gone or stopped this pass
     except Exception as e:

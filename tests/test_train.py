@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from voices import utterances, voices
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe, recipe_from_dict
@@ -31,29 +32,14 @@ STEPS_PER_EPOCH, EPOCHS = 8, 3
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 
 
-def speechlike(rng: np.random.Generator, f0: float, formants: np.ndarray, seconds: float) -> np.ndarray:
-    """A harmonic source at a wobbling pitch, shaped by a speaker's formants, with syllable-rate bursts."""
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    pitch = f0 * (1 + 0.06 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)))
-    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
-    source = sum(np.sin(k * phase) / k for k in range(1, 12)) + 0.3 * rng.standard_normal(n)
-    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    shape = sum(np.exp(-0.5 * ((freqs - f) / 120) ** 2) for f in formants) + 0.05
-    wave = np.fft.irfft(np.fft.rfft(source) * shape, n)
-    wave *= 0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(3, 5) * t + rng.uniform(0, 6)) ** 2
-    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
-
-
 def write_speech_set(url: str, speakers: int = 8, sessions: int = 2, utts: int = 3, shards: int = 2) -> None:
     """A complete shard set (manifest last) of speech-like utterances, sessions contiguous."""
-    rng = np.random.default_rng(0)
+    g, speaker_voices = torch.Generator().manual_seed(0), voices(speakers, seed=0)
     samples = []
     for s in range(speakers):
-        f0, formants = rng.uniform(90, 250), np.sort(rng.uniform(300, 3500, 3))
         for v in range(sessions):
             for u in range(utts):
-                wave = speechlike(rng, f0, formants, seconds=2.0)
+                wave = 0.5 * utterances(speaker_voices[s:s + 1], 2.0, g)[0].numpy()
                 spk, session, utt = f"spk{s}", f"s{s}v{v}", f"{u:05d}"
                 meta = {"utt": utt, "corpus": "synth", "speaker": spk, "session": session, "group": session,
                         "duration": len(wave) / SAMPLE_RATE, "num_samples": len(wave),
@@ -326,3 +312,25 @@ def test_augment_cpu_reaches_the_training_batches_and_a_bad_entry_is_a_recipe_er
 
 def recipe_batch_size(recipe: Path) -> int:
     return yaml.safe_load(recipe.read_text())["data"]["batch_size"]
+
+
+def test_aam_trains_on_the_metadatas_speakers_and_its_margin_survives_the_checkpoint(local_sets, tmp_path):
+    """The supervised baseline through the pseudo-label path: speakers -> labels file -> AAM."""
+    from voxstream.model.pseudo_labels import metadata_labels
+
+    labels = str(tmp_path / "speakers.npz")
+    assert metadata_labels(local_sets, labels)["clusters"] == 4
+    recipe = tiny_recipe(tmp_path, local_sets)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["method"] = {"name": "aam", "classes": 4, "margin": 0.2, "margin_start": 0.0, "margin_end": 0.5}
+    recipe.write_text(yaml.safe_dump(tree))
+    with pytest.raises(RecipeError, match="^method.name: aam trains on classes: set data.labels"):
+        train(load_recipe(str(recipe), ["data.workers=0"]))
+    with pytest.raises(RecipeError, match=r"^method.classes: 3, but .*speakers.npz has labels up to 3"):
+        train(load_recipe(str(recipe), ["data.workers=0", f"data.labels={labels}", "method.classes=3"]))
+    assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0", f"data.labels={labels}"])) \
+        == STEPS_PER_EPOCH
+    method, _ = load_method(str(tmp_path / "run" / "last.pt"))
+    assert method.margin == 0.2  # the host copy of the schedule, read back from the checkpoint
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records if "loss" in r)

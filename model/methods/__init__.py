@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from voxstream.model.encoders import EncoderConfig, build_encoder
+from voxstream.model.methods.aam import AAM
 from voxstream.model.methods.barlow import BarlowTwins
 from voxstream.model.methods.base import MethodConfig, SSLMethod
 from voxstream.model.methods.dino import DINO
@@ -11,7 +12,7 @@ from voxstream.model.methods.swav import SwAV
 from voxstream.model.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {
-    "simclr": SimCLR, "moco": MoCo, "dino": DINO, "vicreg": VICReg, "barlow": BarlowTwins, "swav": SwAV}
+    "simclr": SimCLR, "moco": MoCo, "dino": DINO, "vicreg": VICReg, "barlow": BarlowTwins, "swav": SwAV, "aam": AAM}
 
 
 def build_method(enc_cfg: EncoderConfig, method_cfg: MethodConfig) -> SSLMethod:
