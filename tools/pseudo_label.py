@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clusters", type=int, default=0, help="pseudo-speakers after AHC (0: no AHC)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crops", type=int, default=0,
+                   help="mean of N fixed crops per utterance (default: the whole utterance); equal lengths fill "
+                        "every batch, where whole utterances batch only with others of their length")
+    p.add_argument("--crop-seconds", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=32, help="waveforms per forward pass")
     p.add_argument("--workers", type=int, default=4, help="audio decoding threads")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--checkpoint needs --work")
     if args.kmeans < 1 or args.clusters < 0 or args.clusters > args.kmeans or args.iterations < 1:
         p.error("need --kmeans >= 1, 0 <= --clusters <= --kmeans and --iterations >= 1")
+    if args.crops < 0 or args.crop_seconds <= 0:
+        p.error("need --crops >= 0 and --crop-seconds > 0")
     return args
 
 
@@ -56,7 +62,8 @@ def label(args: argparse.Namespace) -> dict | None:
         cfg = PseudoLabelConfig(shards=args.shards, out=args.out, work=args.work, kmeans=args.kmeans,
                                 clusters=args.clusters, iterations=args.iterations, seed=args.seed,
                                 device=str(device), storage_options=args.storage_options,
-                                embed=EmbedOptions(batch_size=args.batch_size, workers=args.workers))
+                                embed=EmbedOptions(crops=args.crops, crop_seconds=args.crop_seconds,
+                                                   batch_size=args.batch_size, workers=args.workers))
         embedder, _ = load_embedder(args.checkpoint, storage_options=args.storage_options)
         speed = embed_shards(embedder, cfg)
         stats = cluster_and_write(cfg)
