@@ -134,8 +134,8 @@ def build_output(name: str, paths: list[str], rows: np.ndarray, cfg: WriteConfig
 
 def regroup(source: str, labels_url: str, cfg: WriteConfig) -> Manifest:
     """Write the set at `source` regrouped by the labels to cfg.out; returns the manifest written."""
-    inputs = read_manifest(source, cfg.storage_options)
     try:
+        inputs = read_manifest(source, cfg.storage_options)
         labels = _labels(labels_url, json.dumps(cfg.storage_options, sort_keys=True))
     except (FileNotFoundError, ValueError) as e:
         raise BadInput(str(e)) from None

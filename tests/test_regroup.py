@@ -112,7 +112,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert all((tmp_path / "resumed" / n).stat().st_mtime_ns == t for n, t in kept.items())  # kept, not rewritten
 
 
-def test_a_labels_file_for_another_set_is_one_line_naming_it(tmp_path):
+def test_a_labels_file_for_another_set_or_a_missing_set_is_one_line_naming_it(tmp_path):
     src, other = str(tmp_path / "in"), str(tmp_path / "other")
     keys = list(make_set(src, [8]))
     make_set(other, [8], seed=1)
@@ -121,6 +121,8 @@ def test_a_labels_file_for_another_set_is_one_line_naming_it(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "other.npz: made for another shard set" in done.stderr
     assert not (tmp_path / "out").exists()
+    missing = make_shards("regroup", "--in", tmp_path / "nowhere", "--labels", tmp_path / "other.npz", "--out", tmp_path / "out")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nowhere/manifest.json: no manifest" in missing.stderr
 
 
 def test_cross_utterance_pairs_two_utterances_of_one_pseudo_speaker(tmp_path):
