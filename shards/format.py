@@ -114,6 +114,13 @@ def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
     return data, stats
 
 
+def split_member(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a member name: keys end at the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
 def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar stream, members grouped by key."""
     key, members = None, {}
@@ -121,9 +128,7 @@ def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isfile():
                 continue
-            base = info.name.rsplit("/", 1)
-            stem, _, ext = base[-1].partition(".")
-            k = (base[0] + "/" + stem) if len(base) == 2 else stem
+            k, ext = split_member(info.name)
             if k != key and key is not None:
                 yield key, members
                 members = {}

@@ -123,10 +123,10 @@ def _encoded(work: Iterator[tuple[int, Recording]], spec: EncodeSpec, workers: i
             yield gi0, *fut.result()
 
 
-def _tar_cost(sample: Sample) -> int:
+def tar_cost(meta: dict, flac_bytes: int) -> int:
     """Bytes a sample adds to a tar: a 512-byte header and padded payload per member."""
-    meta_len = len(json.dumps(sample.meta, sort_keys=True).encode())
-    return sum(512 + -(-n // 512) * 512 for n in (len(sample.flac), meta_len))
+    meta_len = len(json.dumps(meta, sort_keys=True).encode())
+    return sum(512 + -(-n // 512) * 512 for n in (flac_bytes, meta_len))
 
 
 class _Progress:
@@ -150,7 +150,7 @@ class _Progress:
                            "rerun with the same ones, or write to a fresh --out")
         kept, start = [], 0
         for i, record in enumerate(state["shards"]):
-            if not _shard_intact(storage.join(self.cfg.out, record["name"]), record, self.cfg.storage_options):
+            if not shard_intact(storage.join(self.cfg.out, record["name"]), record, self.cfg.storage_options):
                 break
             if record["ends_at"] is not None:
                 kept, start = state["shards"][:i + 1], record["ends_at"]
@@ -159,7 +159,7 @@ class _Progress:
         return start
 
 
-def _shard_intact(url: str, record: dict, storage_options: dict) -> bool:
+def shard_intact(url: str, record: dict, storage_options: dict) -> bool:
     fs, path = storage.filesystem(url, storage_options)
     if not fs.exists(path) or fs.size(path) != record["bytes"]:
         return False
@@ -181,7 +181,7 @@ class _Packer:
         self.pending: Future | None = None
 
     def add_group(self, gi: int, samples: list[Sample]) -> None:
-        costs = [_tar_cost(s) for s in samples]
+        costs = [tar_cost(s.meta, len(s.flac)) for s in samples]
         if self.samples and self.bytes + sum(costs) > self.cfg.shard_size:
             self.flush(ends_at=gi)
         for sample, cost in zip(samples, costs):
@@ -221,7 +221,7 @@ def fingerprint(listing: Listing, groups: list[list[Recording]], params: dict) -
     return digest.hexdigest()
 
 
-def _check_destination(cfg: WriteConfig) -> None:
+def check_destination(cfg: WriteConfig) -> None:
     fs, path = storage.filesystem(cfg.out, cfg.storage_options)
     taken = [n for n in (MANIFEST, PROGRESS) if fs.exists(f"{path}/{n}")] + fs.glob(f"{path}/{cfg.prefix}-*.tar")
     if taken:
@@ -243,7 +243,7 @@ def write_shards(listing: Listing, cfg: WriteConfig) -> tuple[Manifest, list[dic
         if isinstance(start, Manifest):
             return start, read_rejections(cfg)
     else:
-        _check_destination(cfg)
+        check_destination(cfg)
         start = 0
     spec = EncodeSpec(listing.corpus, listing.reader, listing.params.get("root"), cfg.min_duration, cfg.max_duration)
     with logging_redirect_tqdm():  # retry warnings print above the progress bar, not through it
@@ -263,17 +263,25 @@ def write_shards(listing: Listing, cfg: WriteConfig) -> tuple[Manifest, list[dic
 
 def _resume(cfg: WriteConfig, progress: _Progress) -> Manifest | int:
     """A finished set (nothing to do) or the group to continue from (0 when nothing was done)."""
+    done = finished_or_tidied(cfg, progress.fingerprint)
+    if done is not None:
+        return done
+    if storage.exists(progress.url, cfg.storage_options):
+        return progress.restore()
+    return 0
+
+
+def finished_or_tidied(cfg: WriteConfig, plan: str) -> Manifest | None:
+    """On --resume: the finished set of this plan, or None after removing the interrupted run's partial writes."""
     if storage.exists(storage.join(cfg.out, MANIFEST), cfg.storage_options):
         done = read_manifest(cfg.out, cfg.storage_options)
-        if done.params.get("plan") != progress.fingerprint:
+        if done.params.get("plan") != plan:
             raise BadInput(f"--out {cfg.out} holds a finished set made from other inputs or parameters")
         return done
     fs, path = storage.filesystem(cfg.out, cfg.storage_options)
     for leftover in fs.glob(f"{path}/*.tmp-*"):  # a local write cut short by the interruption
         fs.rm(leftover)
-    if storage.exists(progress.url, cfg.storage_options):
-        return progress.restore()
-    return 0
+    return None
 
 
 def read_rejections(cfg: WriteConfig) -> list[dict]:

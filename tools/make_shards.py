@@ -5,6 +5,7 @@
     python tools/make_shards.py rir          --root DIR --out URL
     python tools/make_shards.py simulate-rir --count N --out URL
     python tools/make_shards.py folder       --root DIR --out URL [--pattern REGEX] [--max-duration S]
+    python tools/make_shards.py regroup      --in URL --labels FILE --out URL
     python tools/make_shards.py verify URL
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 
 from voxstream.shards import corpora
+from voxstream.shards.regroup import regroup
 from voxstream.shards.storage import Retry
 from voxstream.shards.verify import verify
 from voxstream.shards.writer import WriteConfig, write_shards
@@ -55,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     writing.add_argument("--seed", type=int, default=0, help="seed of the global group shuffle")
     writing.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     writing.add_argument("--prefix", default="", help="shard name prefix (default: the corpus name)")
-    writing.add_argument("--corpus", help="corpus name in keys and metadata")
     writing.add_argument("--retry-attempts", type=int, default=Retry.attempts,
                          help="tries in all at writing a shard before giving up (%(default)s)")
     writing.add_argument("--retry-backoff", type=float, default=Retry.backoff,
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         if root:
             p.add_argument("--root", required=True, help="source directory")
         p.add_argument("--min-duration", type=float, default=min_duration, help="reject shorter inputs (s)")
+        p.add_argument("--corpus", help="corpus name in keys and metadata")
         return p
 
     add("voxceleb", "VoxCeleb1/2: <id>/<video>/<n>.wav|m4a", 0.5).add_argument(
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     folder = add("folder", "any tree of wav/flac/ogg/mp3", 0.5)
     folder.add_argument("--pattern", help="regex with named groups speaker, session (and utt) on the relative path")
     folder.add_argument("--max-duration", type=float, default=30.0, help="cut longer files at quiet points (s)")
+    regroup = sub.add_parser("regroup", parents=[writing],
+                             help="rewrite a shard set with each pseudo-speaker's utterances together")
+    regroup.add_argument("--in", dest="source", required=True, help="the shard set to regroup")
+    regroup.add_argument("--labels", required=True, help="labels file made for that set (pseudo_label.py)")
     check = sub.add_parser("verify", parents=[common], help="re-read every sample and check the manifest")
     check.add_argument("url")
     return parser
@@ -109,12 +115,23 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def write_config(args: argparse.Namespace) -> WriteConfig:
+    return WriteConfig(out=args.out, prefix=args.prefix, shard_size=args.shard_size, seed=args.seed,
+                       workers=args.workers, min_duration=getattr(args, "min_duration", 0.0),
+                       max_duration=getattr(args, "max_duration", None), resume=args.resume,
+                       storage_options=args.storage_options, retry=Retry(args.retry_attempts, args.retry_backoff))
+
+
+def run_regroup(args: argparse.Namespace) -> int:
+    manifest = regroup(args.source, args.labels, write_config(args))
+    p = manifest.params
+    print(f"{manifest.corpus}: {len(manifest.shards)} shards, {manifest.samples} samples of "
+          f"{p['pseudo_speakers']} pseudo-speakers in {args.out}; {p['unlabeled']} unlabeled kept their group")
+    return 0
+
+
 def run_write(args: argparse.Namespace) -> int:
-    cfg = WriteConfig(out=args.out, prefix=args.prefix, shard_size=args.shard_size, seed=args.seed,
-                      workers=args.workers, min_duration=args.min_duration,
-                      max_duration=getattr(args, "max_duration", None), resume=args.resume,
-                      storage_options=args.storage_options, retry=Retry(args.retry_attempts, args.retry_backoff))
-    manifest, rejected = write_shards(listing(args), cfg)
+    manifest, rejected = write_shards(listing(args), write_config(args))
     print(f"{manifest.corpus}: {len(manifest.shards)} shards, {manifest.samples} samples, "
           f"{manifest.seconds / 3600:.2f} h in {args.out}; {len(rejected)} inputs rejected")
     for reason, n in Counter(r["reason"].split(":")[0] for r in rejected).most_common():
@@ -130,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--retry-attempts {args.retry_attempts} must be at least 1 "
                      f"and --retry-backoff {args.retry_backoff} at least 0")
     try:
-        return run_verify(args) if args.command == "verify" else run_write(args)
+        run = {"verify": run_verify, "regroup": run_regroup}.get(args.command, run_write)
+        return run(args)
     except corpora.BadInput as e:
         return _fail(str(e))
     except OSError as e:  # storage unreachable, disk full...: finished shards stay, --resume continues
