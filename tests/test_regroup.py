@@ -70,15 +70,22 @@ def test_every_utterance_once_byte_identical_with_pseudo_speakers_contiguous(tmp
     assert files_of(tmp_path / "parallel") == files_of(tmp_path / "out")
 
 
-# The tool as a process that kills itself (SIGKILL, no cleanup) as it writes its third output shard.
+# The tool as a process that kills itself (SIGKILL, no cleanup) as it writes its third output shard,
+# once the progress file records the first two (the main thread records them as the shards complete,
+# so on a busy machine the third can be written before the second is recorded).
 KILLED_AT_THIRD_SHARD = f"""
-import os, runpy, signal, sys
+import json, os, runpy, signal, sys, time
 from voxstream.shards import storage
 real, shards = storage.write_bytes, []
 def write(url, data, storage_options=None):
     if url.endswith(".tar"):
         shards.append(url)
         if len(shards) == 3:
+            progress = os.path.join(os.path.dirname(url), "_progress.json")
+            for _ in range(200):
+                if os.path.exists(progress) and len(json.load(open(progress))["shards"]) == 2:
+                    break
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
     real(url, data, storage_options)
 storage.write_bytes = write
