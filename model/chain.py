@@ -202,7 +202,7 @@ def _eval_dir(stage: Stage, stages: list[Stage], run: Path) -> Path:
 
 
 def _step(title: str, done: Path, cmd: list[str]) -> None:
-    """Run one stage's command unless its output `done` exists; a stop (Ctrl-C, SIGTERM) stops the stage too."""
+    """Run one stage's command unless its output `done` exists; the chain's stop (SIGTERM, Ctrl-C) stops it too."""
     if done.exists():
         print(f"== {title}: skipped, {done} exists", flush=True)
         return

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from test_train import descendants, tiny_recipe, write_speech_set
-from voxstream.model.chain import load_chain
+from voxstream.model.chain import load_chain, plan
 from voxstream.model.recipe import RecipeError
 from voxstream.shards.format import iter_samples, shard_urls
 
@@ -69,6 +69,13 @@ def test_chain_recipe_errors_are_one_line(chain, tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == f"chain: error: rounds.recipe {tmp_path / 'aam.yaml'}: optim.lr: expected float, got 'fast'\n"
     assert not (tmp_path / "run" / "stage0-ssl").exists()
+
+
+def test_the_demo_chain_and_its_stage_recipes_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # its recipe paths are relative to the repository, as in the README's commands
+    stages = plan(load_chain(str(ROOT / "configs" / "chain_demo.yaml")), tmp_path)
+    assert [s.steps for s in stages] == [150, 75, 75]  # configs/demo.yaml's 300 steps in all
+    assert stages[1].overrides[-2:] == [f"data.labels={tmp_path / 'round1' / 'labels.npz'}", "method.classes=250"]
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@
 
 Each stage runs the existing tool (train.py under torchrun when common.nproc > 1, pseudo_label.py,
 evaluate.py) and writes into RUN; rerunning the same command skips the complete stages and resumes
-the one that was stopped (model/chain.py has the layout). Ctrl-C or SIGTERM stops the running stage
-too (training saves a checkpoint first). Prints a summary table, also written to RUN/summary.json.
+the one that was stopped (model/chain.py has the layout). SIGTERM stops the running stage too
+(training saves a checkpoint first). Prints a summary table, also written to RUN/summary.json.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ChainError, OSError) as e:
         print(f"chain: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, RecipeError) else 1
+    except KeyboardInterrupt:  # Ctrl-C reached the stage too; a rerun resumes it
+        return 130
     return 0
 
 
