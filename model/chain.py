@@ -165,20 +165,16 @@ def run_chain(cfg: ChainConfig, run: Path) -> dict:
     stages = plan(cfg, run)
     print(f"chain: {len(stages)} training stages, {sum(s.steps for s in stages)} steps in all, run folder {run}",
           flush=True)
-    for i, stage in enumerate(stages):
-        if stage.labels is not None:
-            _step(f"{stage.name}: pseudo-labels from {stages[i - 1].name}", stage.labels,
-                  _launch(cfg) + [str(TOOLS / "pseudo_label.py"), "--checkpoint", str(stages[i - 1].checkpoint),
-                                  "--shards", cfg.common.shards, "--out", str(stage.labels),
-                                  "--work", str(stage.folder / "labels-work"), "--kmeans", str(cfg.labels.kmeans),
-                                  "--clusters", str(cfg.labels.clusters), "--iterations", str(cfg.labels.iterations),
-                                  "--workers", str(cfg.labels.workers)])
+    for previous, stage in zip([None, *stages], stages):
+        if previous is not None:
+            _step(f"{stage.name}: pseudo-labels from {previous.name}", stage.labels,
+                  _pseudo_label(cfg, previous.checkpoint, stage))
         _step(f"{stage.name}: train {stage.recipe} ({stage.steps} steps)", stage.checkpoint,
               _launch(cfg) + [str(TOOLS / "train.py"), "--config", stage.recipe, *stage.overrides])
         if stage is stages[-1] or cfg.evaluate.each_stage:
-            _step(f"{stage.name}: evaluate", _eval_dir(stage, stages, run) / "metrics.json", _evaluate(cfg, stage,
-                  _eval_dir(stage, stages, run)))
-    report = summary(cfg, stages, run)
+            out = _eval_dir(stage, stages, run)
+            _step(f"{stage.name}: evaluate", out / "metrics.json", _evaluate(cfg, stage.checkpoint, out))
+    report = summary(stages, run)
     storage.write_json(str(run / "summary.json"), report)  # atomic, and last: its presence means a finished chain
     print_summary(report)
     return report
@@ -190,10 +186,18 @@ def _launch(cfg: ChainConfig) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.common.nproc}"]
 
 
-def _evaluate(cfg: ChainConfig, stage: Stage, out: Path) -> list[str]:
+def _pseudo_label(cfg: ChainConfig, checkpoint: Path, stage: Stage) -> list[str]:
+    c = cfg.labels
+    return _launch(cfg) + [str(TOOLS / "pseudo_label.py"), "--checkpoint", str(checkpoint), "--shards",
+                           cfg.common.shards, "--out", str(stage.labels), "--work", str(stage.folder / "labels-work"),
+                           "--kmeans", str(c.kmeans), "--clusters", str(c.clusters), "--iterations",
+                           str(c.iterations), "--workers", str(c.workers)]
+
+
+def _evaluate(cfg: ChainConfig, checkpoint: Path, out: Path) -> list[str]:
     e = cfg.evaluate
     source = ["--audio-root", e.audio_root] if e.audio_root else ["--shards", e.shards]
-    return [sys.executable, str(TOOLS / "evaluate.py"), "--checkpoint", str(stage.checkpoint), "--trials", *e.trials,
+    return [sys.executable, str(TOOLS / "evaluate.py"), "--checkpoint", str(checkpoint), "--trials", *e.trials,
             *source, "--out", str(out)]
 
 
@@ -218,7 +222,7 @@ def _step(title: str, done: Path, cmd: list[str]) -> None:
         raise ChainError(f"{title}: exited with status {code}; rerun the same command to resume here")
 
 
-def summary(cfg: ChainConfig, stages: list[Stage], run: Path) -> dict:
+def summary(stages: list[Stage], run: Path) -> dict:
     """Per stage: steps, the statistics of the labels it trained on, and the metrics of its evaluation."""
     rows = []
     for stage in stages:
