@@ -1,8 +1,8 @@
 """Training beyond same-utterance positives, as one resumable chain of the existing tools:
 
-    same-utterance SSL -> pseudo-labels -> N rounds of (training on them -> pseudo-labels) -> evaluation
+    same-utterance SSL -> N rounds of (pseudo-labels from the previous model -> training on them) -> evaluation
 
-The run folder holds every stage's output; a stage whose output is complete is skipped, and an
+The run folder (a local folder) holds every stage's output; a stage whose output is complete is skipped, and an
 incomplete one is rerun and resumes by itself (train.py from its newest checkpoint, pseudo_label.py
 skipping the shards it already embedded):
 
@@ -14,8 +14,8 @@ skipping the shards it already embedded):
     RUN/summary.json          per stage: steps, its labels' NMI and purity, its EER (written last)
 
 Every round trains from scratch on its labels, as the AAM stage of Miara, Lepage & Dehak does: the
-labels, not the weights, carry what the previous model learned, and a fresh classifier over new
-pseudo-speakers would not match old weights' classes anyway.
+labels carry what the previous model learned. Starting from its weights instead (Hyperion fine-tunes)
+would need an initialise-from option in train.py, distinct from resuming, which it does not have.
 """
 from __future__ import annotations
 
