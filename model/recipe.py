@@ -89,12 +89,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+def apply_overrides(tree: dict, overrides: list[str], sections: tuple[str, ...] = SECTIONS) -> dict:
     """Set dotted keys (`optim.lr=0.1`) in a nested dict; checking happens when building sections."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or "." not in key:
-            raise RecipeError(f"override {item!r}: expected section.key=value, sections: {', '.join(SECTIONS)}")
+            raise RecipeError(f"override {item!r}: expected section.key=value, sections: {', '.join(sections)}")
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
@@ -195,15 +195,19 @@ def recipe_from_dict(tree: dict) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply `key=value` overrides, check every key and type."""
+def read_yaml(path: str) -> dict:
+    """A recipe file as a nested dict (empty file: {}); a missing or malformed file is one RecipeError line."""
     try:
-        tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+        return yaml.load(Path(path).read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return recipe_from_dict(apply_overrides(tree, list(overrides or [])))
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, check every key and type."""
+    return recipe_from_dict(apply_overrides(read_yaml(path), list(overrides or [])))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -1,0 +1,114 @@
+"""tools/chain.py: the chain recipe's checks, and a real chain (SSL -> pseudo-labels -> AAM -> evaluation)
+that is stopped in its second stage and resumed where it stopped."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_train import descendants, tiny_recipe, write_speech_set
+from voxstream.model.chain import load_chain, plan
+from voxstream.model.recipe import RecipeError
+from voxstream.shards.format import iter_samples, shard_urls
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chain_recipe(tmp_path: Path, shards: str, trials: str) -> Path:
+    """Tiny stages: 8 SimCLR steps, 12 k-means clusters merged into 8 pseudo-speakers, 8 AAM steps."""
+    ssl = tiny_recipe(tmp_path, shards)
+    aam = yaml.safe_load(ssl.read_text())
+    aam["method"] = {"name": "aam", "margin_start": 0.0, "margin_end": 0.5}
+    (tmp_path / "aam.yaml").write_text(yaml.safe_dump(aam))
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump({
+        "common": {"shards": shards, "overrides": ["data.workers=0"], "nproc": 1},
+        "first": {"recipe": str(ssl), "epochs": 1},
+        "rounds": {"count": 1, "recipe": str(tmp_path / "aam.yaml"), "epochs": 1},
+        "labels": {"kmeans": 12, "clusters": 8, "iterations": 5, "workers": 1},
+        "evaluate": {"trials": [trials], "shards": shards, "each_stage": True}}))
+    return path
+
+
+@pytest.fixture
+def chain(tmp_path):
+    shards = str(tmp_path / "speech")
+    write_speech_set(shards, speakers=8, sessions=2, utts=3, shards=2)
+    keys = sorted(s.key for url in shard_urls(shards) for s in iter_samples(url))
+    trials = tmp_path / "trials.txt"  # same speaker: keys of one speaker sort together, 6 apiece
+    trials.write_text("".join(f"{int(a.split('/')[1] == b.split('/')[1])} {a} {b}\n"
+                              for a, b in zip(keys, keys[1:] + keys[:1])))
+    return chain_recipe(tmp_path, shards, str(trials))
+
+
+def chain_command(recipe: Path, run: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / "chain.py"), "--config", str(recipe), "--out", str(run), *overrides]
+
+
+def test_chain_recipe_errors_are_one_line(chain, tmp_path):
+    assert load_chain(str(chain)).rounds.count == 1
+    cases = [(["rounds.cont=2"], r"^rounds.cont: unknown key; valid keys: recipe, overrides, epochs, count$"),
+             (["comon.nproc=2"], r"^comon: unknown section; valid sections: common, first, rounds, labels, evaluate$"),
+             (["nproc=2"], r"^override 'nproc=2': expected section.key=value, sections: common, first, rounds,"),
+             (["common.nproc=two"], r"^common.nproc: expected int, got 'two'$"),
+             (["labels.clusters=20"], r"^labels: need kmeans >= 1, 0 <= clusters <= kmeans"),
+             (["evaluate.audio_root=wav"], r"^evaluate: give exactly one of audio_root and shards$")]
+    for overrides, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            load_chain(str(chain), overrides)
+    # A stage's own recipe is checked before anything runs, and the chain's command says it on one line.
+    out = subprocess.run(chain_command(chain, tmp_path / "run", "rounds.overrides=[optim.lr=fast]"),
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"chain: error: rounds.recipe {tmp_path / 'aam.yaml'}: optim.lr: expected float, got 'fast'\n"
+    assert not (tmp_path / "run" / "stage0-ssl").exists()
+
+
+def test_the_demo_chain_and_its_stage_recipes_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # its recipe paths are relative to the repository, as in the README's commands
+    stages = plan(load_chain(str(ROOT / "configs" / "chain_demo.yaml")), tmp_path)
+    assert [s.steps for s in stages] == [150, 75, 75]  # configs/demo.yaml's 300 steps in all
+    assert stages[1].overrides[-2:] == [f"data.labels={tmp_path / 'round1' / 'labels.npz'}", "method.classes=250"]
+
+
+@pytest.mark.slow
+def test_a_stopped_chain_resumes_at_the_stage_where_it_stopped(chain, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(chain_command(chain, run), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    labels, first = run / "round1" / "labels.npz", run / "stage0-ssl" / "train" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not labels.exists():  # the first model is trained and has labelled the set: round 1 trains now
+        assert proc.poll() is None, f"the chain ended early:\n{proc.communicate()[0][-4000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
+    assert not descendants(proc.pid)  # the stage it ran was stopped with it
+    assert not (run / "round1" / "train" / "last.pt").exists() and not (run / "summary.json").exists()
+    done = {p: p.stat().st_mtime_ns for p in (first, labels, run / "stage0-ssl" / "eval" / "metrics.json")}
+
+    out = subprocess.run(chain_command(chain, run), cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert f"== stage0-ssl: train {tmp_path / 'tiny.yaml'} (8 steps): skipped, {first} exists" in out.stdout
+    assert f"== round1: pseudo-labels from stage0-ssl: skipped, {labels} exists" in out.stdout
+    assert "== round1: train" in out.stdout and "skipped" not in out.stdout.split("== round1: train")[1]
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # nothing before round 1's training was redone
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 16 and [r["stage"] for r in summary["stages"]] == ["stage0-ssl", "round1"]
+    first_row, round_row = summary["stages"]
+    assert first_row["labels"] is None and round_row["labels"]["clusters"] == 8
+    assert 0 <= round_row["labels"]["nmi"] <= 1 and 0 < round_row["labels"]["purity"] <= 1
+    assert all(0 <= row["eer"]["trials"] <= 1 for row in summary["stages"])
+    assert (run / "eval" / "metrics.json").exists()  # the last model's evaluation
+    assert "total training steps: 16" in out.stdout
