@@ -55,6 +55,8 @@ class TrainConfig:
     trials_audio: str = ""          # audio root the trial paths are relative to
     val_every: int = 0              # steps between validations; 0 = only at the end (if trials given)
     seed: int = 0                   # model init and augmentation draws (data.seed drives the stream)
+    init: str = ""                  # checkpoint whose evaluation network the encoder starts from (fine-tuning;
+                                    # heads start fresh); unused when the run resumes its own checkpoint
     storage_options: dict = field(default_factory=dict)  # fsspec options for out_dir (s3 keys, endpoint)
 
 

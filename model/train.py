@@ -29,7 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 from voxstream.model import distributed
-from voxstream.model.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
+from voxstream.model.encoders import build_encoder
 from voxstream.model.logs import Meter, MetricsLog
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
@@ -169,6 +170,19 @@ def check_classes(recipe: Recipe) -> None:
         raise RecipeError(f"method.classes: {classes}, but {recipe.data.labels} has labels up to {int(labels.max())}")
 
 
+def initial_encoder(recipe: Recipe) -> nn.Module:
+    """train.init: an encoder holding that checkpoint's evaluation network (DINO's teacher, else its encoder),
+    so a pseudo-label round fine-tunes the model that made its labels."""
+    source, _ = load_method(recipe.train.init, recipe.train.storage_options)
+    encoder = build_encoder(recipe.model)
+    try:
+        encoder.load_state_dict(source.embedder().state_dict())
+    except RuntimeError as e:
+        raise RecipeError(f"train.init: {recipe.train.init} holds another network than model: "
+                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    return encoder
+
+
 def check_outputs(recipe: Recipe) -> None:
     """Fail before any training if the run could not write its results."""
     cfg = recipe.train
@@ -301,7 +315,9 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         loader = make_loader(data, epoch, rank, world, start_step=skip, cpu_augment=cpu_augment)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    method = build_method(recipe.model, recipe.method).to(device)
+    with storage_errors("train.init"):
+        encoder = initial_encoder(recipe) if cfg.init and not ckpt else None
+    method = build_method(recipe.model, recipe.method, encoder).to(device)
     if cfg.sync_bn and distributed.is_dist() and device.type == "cuda":  # SyncBatchNorm has no CPU kernel
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     optimizer = build_optimizer(method, optim)

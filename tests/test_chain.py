@@ -54,7 +54,7 @@ def chain_command(recipe: Path, run: Path, *overrides: str) -> list[str]:
 
 def test_chain_recipe_errors_are_one_line(chain, tmp_path):
     assert load_chain(str(chain)).rounds.count == 1
-    cases = [(["rounds.cont=2"], r"^rounds.cont: unknown key; valid keys: recipe, overrides, epochs, count$"),
+    cases = [(["rounds.cont=2"], r"^rounds.cont: unknown key; valid keys: recipe, overrides, epochs, count, fine_tune$"),
              (["comon.nproc=2"], r"^comon: unknown section; valid sections: common, first, rounds, labels, evaluate$"),
              (["nproc=2"], r"^override 'nproc=2': expected section.key=value, sections: common, first, rounds,"),
              (["common.nproc=two"], r"^common.nproc: expected int, got 'two'$"),
@@ -75,7 +75,11 @@ def test_the_demo_chain_and_its_stage_recipes_load(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # its recipe paths are relative to the repository, as in the README's commands
     stages = plan(load_chain(str(ROOT / "configs" / "chain_demo.yaml")), tmp_path)
     assert [s.steps for s in stages] == [150, 75, 75]  # configs/demo.yaml's 300 steps in all
-    assert stages[1].overrides[-2:] == [f"data.labels={tmp_path / 'round1' / 'labels.npz'}", "method.classes=250"]
+    assert stages[1].overrides[-3:] == [f"data.labels={tmp_path / 'round1' / 'labels.npz'}",
+                                        f"train.init={tmp_path / 'stage0-ssl' / 'train' / 'last.pt'}", "method.classes=250"]
+    assert stages[2].overrides[-2] == f"train.init={tmp_path / 'round1' / 'train' / 'last.pt'}"  # fine-tunes round 1
+    scratch = plan(load_chain(str(ROOT / "configs" / "chain_demo.yaml"), ["rounds.fine_tune=false"]), tmp_path)
+    assert not any(o.startswith("train.init=") for s in scratch for o in s.overrides)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from voices import utterances, voices
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe, recipe_from_dict
-from voxstream.model.train import TrainingError, train, validate
+from voxstream.model.train import TrainingError, initial_encoder, train, validate
 from voxstream.pipeline.banks import write_clip_set
 from voxstream.shards import storage
 from voxstream.shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
@@ -334,3 +334,25 @@ def test_aam_trains_on_the_metadatas_speakers_and_its_margin_survives_the_checkp
     assert method.margin == 0.2  # the host copy of the schedule, read back from the checkpoint
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in records if "loss" in r)
+
+
+def test_train_init_starts_the_encoder_from_another_runs_evaluation_network(local_sets, tmp_path):
+    """A pseudo-label round fine-tunes: its encoder starts as the previous model's, its heads fresh."""
+    from voxstream.model.pseudo_labels import metadata_labels
+
+    recipe = tiny_recipe(tmp_path, local_sets)
+    first = ["train.epochs=1", "data.workers=0", f"train.out_dir={tmp_path / 'first'}"]
+    train(load_recipe(str(recipe), first))
+    source, _ = load_method(str(tmp_path / "first" / "last.pt"))
+    labels = str(tmp_path / "speakers.npz")
+    metadata_labels(local_sets, labels)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["method"] = {"name": "aam", "classes": 4}
+    recipe.write_text(yaml.safe_dump(tree))
+    init = [f"train.init={tmp_path / 'first' / 'last.pt'}", f"data.labels={labels}", "data.workers=0"]
+    encoder = initial_encoder(load_recipe(str(recipe), init))
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(),
+                                                  source.embedder().state_dict().values()))
+    with pytest.raises(RecipeError, match="^train.init: .*last.pt holds another network than model"):
+        initial_encoder(load_recipe(str(recipe), [*init, "model.channels=24"]))
+    assert train(load_recipe(str(recipe), [*init, "train.epochs=1"])) == STEPS_PER_EPOCH
