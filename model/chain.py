@@ -75,10 +75,14 @@ class LabelsConfig:                 # tools/pseudo_label.py's settings
     clusters: int = 0               # pseudo-speakers after AHC (0: the k-means clusters); AAM's method.classes
     iterations: int = 20
     workers: int = 4                # audio decoding threads
+    crops: int = 0                  # embed the mean of N fixed crops (0: whole utterances; crops fill every batch)
+    crop_seconds: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kmeans < 1 or not 0 <= self.clusters <= self.kmeans or self.iterations < 1 or self.workers < 1:
             raise ValueError("labels: need kmeans >= 1, 0 <= clusters <= kmeans, iterations >= 1 and workers >= 1")
+        if self.crops < 0 or self.crop_seconds <= 0:
+            raise ValueError("labels: need crops >= 0 and crop_seconds > 0")
 
 
 @dataclass
@@ -198,7 +202,8 @@ def _pseudo_label(cfg: ChainConfig, checkpoint: Path, stage: Stage) -> list[str]
     return _launch(cfg) + [str(TOOLS / "pseudo_label.py"), "--checkpoint", str(checkpoint), "--shards",
                            cfg.common.shards, "--out", str(stage.labels), "--work", str(stage.folder / "labels-work"),
                            "--kmeans", str(c.kmeans), "--clusters", str(c.clusters), "--iterations",
-                           str(c.iterations), "--workers", str(c.workers)]
+                           str(c.iterations), "--workers", str(c.workers), "--crops", str(c.crops),
+                           "--crop-seconds", str(c.crop_seconds)]
 
 
 def _evaluate(cfg: ChainConfig, checkpoint: Path, out: Path) -> list[str]:
