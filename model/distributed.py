@@ -1,8 +1,29 @@
-"""Collectives that degrade to identity without an initialised process group (one process, tests)."""
+"""Joining the process group under torchrun, and collectives that degrade to identity without one
+(one process, tests)."""
 from __future__ import annotations
+
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+def setup_distributed() -> tuple[torch.device, dist.ProcessGroup | None]:
+    """(device, CPU group for control flags); a process group when launched by torchrun.
+
+    Stop flags and RNG states travel over gloo even when gradients use NCCL, so checking them
+    every step does not synchronise the GPU.
+    """
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+        return device, dist.new_group(backend="gloo")
+    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    return torch.device("cpu"), dist.group.WORLD
 
 
 def is_dist() -> bool:

@@ -11,14 +11,12 @@ the run installs and removes.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -85,23 +83,6 @@ class LoopState:
     lr: float = 0.0                # the schedules of the latest step, logged with its interval
     weight_decay: float = 0.0
     last_good: str | None = None   # newest checkpoint written or resumed from, named when training diverges
-
-
-def setup_distributed() -> tuple[torch.device, dist.ProcessGroup | None]:
-    """(device, CPU group for control flags); a process group when launched by torchrun.
-
-    Stop flags and RNG states travel over gloo even when gradients use NCCL, so checking them
-    every step does not synchronise the GPU.
-    """
-    if "RANK" not in os.environ:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
-        return device, dist.new_group(backend="gloo")
-    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
-    return torch.device("cpu"), dist.group.WORLD
 
 
 def build_optimizer(method: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -229,7 +210,7 @@ def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.devic
 
 def train(recipe: Recipe, resume: bool | str = False) -> int:
     """Train until recipe.train.epochs are done or SIGTERM; returns the step reached."""
-    device, control = setup_distributed()
+    device, control = distributed.setup_distributed()
     try:
         return _train(recipe, resume, device, control)
     finally:

@@ -20,7 +20,6 @@ import torch
 from voxstream.model.embeddings import EmbedOptions
 from voxstream.model.evaluate import load_embedder
 from voxstream.model.pseudo_labels import PseudoLabelConfig, cluster_and_write, embed_shards, metadata_labels
-from voxstream.model.train import setup_distributed
 from voxstream.model import distributed
 
 
@@ -57,7 +56,7 @@ def label(args: argparse.Namespace) -> dict | None:
     """Write the labels file; its statistics (on rank 0; None on the other ranks)."""
     if args.from_metadata:
         return metadata_labels(args.shards, args.out, args.from_metadata, args.storage_options)
-    device, _ = setup_distributed()
+    device, _ = distributed.setup_distributed()
     try:
         cfg = PseudoLabelConfig(shards=args.shards, out=args.out, work=args.work, kmeans=args.kmeans,
                                 clusters=args.clusters, iterations=args.iterations, seed=args.seed,
