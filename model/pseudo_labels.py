@@ -27,7 +27,7 @@ from voxstream.model import distributed
 from voxstream.model.cluster import ahc, nmi, purity, spherical_kmeans
 from voxstream.model.embeddings import EmbedOptions, extract
 from voxstream.shards import storage
-from voxstream.shards.format import decode_audio, iter_samples, read_manifest, shard_urls
+from voxstream.shards.format import SAMPLE_RATE, decode_audio, iter_samples, read_manifest, shard_urls
 from voxstream.shards.labels import stable_hash, write_labels
 
 
@@ -45,6 +45,12 @@ class PseudoLabelConfig:
     storage_options: dict = field(default_factory=dict)
 
 
+def _my_shards(cfg: PseudoLabelConfig) -> list[str]:
+    """The names of this rank's share of the shards: shard i goes to rank i % world."""
+    names = [s["name"] for s in read_manifest(cfg.shards, cfg.storage_options).shards]
+    return names[distributed.rank()::distributed.world_size()]
+
+
 def _emb_url(cfg: PseudoLabelConfig, shard: str) -> str:
     return storage.join(cfg.work, "emb", f"{shard}.npz")
 
@@ -59,7 +65,7 @@ def _shard_embeddings(embedder: nn.Module, cfg: PseudoLabelConfig, shard: str) -
         for key, meta, flac in iter_samples(storage.join(cfg.shards, shard), cfg.storage_options):
             speakers[key] = str(meta.get("speaker") or "")
             wave = decode_audio(flac).astype(np.float32) / 32768.0
-            seconds += len(wave) / 16000
+            seconds += len(wave) / SAMPLE_RATE
             yield key, wave
 
     keys, embeddings = [], []
@@ -75,7 +81,7 @@ def _shard_embeddings(embedder: nn.Module, cfg: PseudoLabelConfig, shard: str) -
 def embed_shards(embedder: nn.Module, cfg: PseudoLabelConfig) -> dict:
     """Stage 1 for this rank's shards; returns its throughput (shards already done are skipped)."""
     rank, world = distributed.rank(), distributed.world_size()
-    shards = [s["name"] for s in read_manifest(cfg.shards, cfg.storage_options).shards][rank::world]
+    shards = _my_shards(cfg)
     if not shards:
         raise ValueError(f"{cfg.shards}: fewer shards than the {world} ranks")
     todo = [s for s in shards if not storage.exists(_emb_url(cfg, s), cfg.storage_options)]
@@ -93,9 +99,8 @@ def embed_shards(embedder: nn.Module, cfg: PseudoLabelConfig) -> dict:
 
 def _load(cfg: PseudoLabelConfig) -> tuple[list[str], np.ndarray, list[str]]:
     """This rank's share of the stage-1 embeddings: (keys, [N, D], speakers)."""
-    rank, world = distributed.rank(), distributed.world_size()
     keys, emb, speakers = [], [], []
-    for shard in [s["name"] for s in read_manifest(cfg.shards, cfg.storage_options).shards][rank::world]:
+    for shard in _my_shards(cfg):
         with np.load(io.BytesIO(storage.read_bytes(_emb_url(cfg, shard), cfg.storage_options))) as f:
             keys += f["keys"].tolist()
             emb.append(f["emb"])
