@@ -1,4 +1,4 @@
-"""Recipes: one YAML file (sections data, augment, model, method, optim, train) plus `key=value`
+"""Recipes: one YAML file (sections data, augment, model, method, optim, train, ssps) plus `key=value`
 overrides from the command line, turned into plain dataclasses with every key and type checked.
 
 A mistyped key must not silently train the default for hours, so an unknown key or a wrong type
@@ -19,6 +19,7 @@ import yaml
 from voxstream.model.encoders import EncoderConfig
 from voxstream.model.methods import METHODS
 from voxstream.model.methods.base import MethodConfig
+from voxstream.model.ssps import SSPSConfig
 from voxstream.pipeline.augment import AugmentConfig
 from voxstream.pipeline.loader import DataConfig
 
@@ -68,9 +69,10 @@ class Recipe:
     method: MethodConfig
     optim: OptimConfig
     train: TrainConfig
+    ssps: SSPSConfig = field(default_factory=SSPSConfig)
 
 
-SECTIONS = ("data", "augment", "model", "method", "optim", "train")
+SECTIONS = ("data", "augment", "model", "method", "optim", "train", "ssps")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -189,7 +191,7 @@ def recipe_from_dict(tree: dict) -> Recipe:
         if section not in SECTIONS:
             raise RecipeError(f"{section}: unknown section; valid sections: {', '.join(SECTIONS)}")
     classes = {"data": DataConfig, "augment": AugmentConfig, "model": EncoderConfig, "optim": OptimConfig,
-               "train": TrainConfig}
+               "train": TrainConfig, "ssps": SSPSConfig}
     recipe = Recipe(method=method_config(tree.get("method")),
                     **{s: build_section(cls, tree.get(s), s) for s, cls in classes.items()})
     if recipe.optim.name not in OPTIMIZERS:

@@ -34,12 +34,16 @@ class SSLMethod(nn.Module, abc.ABC):
       `if tensor`): that would wait for the device at every step. What a schedule decides from is a
       Python number, set in `after_step`; a buffer keeps a copy for the state dict, and
       `restore_host_state` reads it back once, whenever a state dict is loaded.
+    - SSPS (model/ssps.py): a method with a positive branch sets `SAMPLES_POSITIVES` and takes
+      `forward(views, groups, positives)`; it passes each positive-branch output through
+      `positives.swap`, which substitutes the sampled positives (and keeps the outputs for the queue).
     - `embedder()` is the network used for evaluation (the teacher for DINO, the encoder otherwise).
     - State that must survive a resume (queues, centers, progress) lives in buffers, so
       `state_dict()` is the whole method state.
     """
 
     Config = MethodConfig
+    SAMPLES_POSITIVES = False  # takes SSPS positives in forward (model/ssps.py)
 
     def __init__(self, encoder: nn.Module, cfg: MethodConfig, embed_dim: int):
         super().__init__()

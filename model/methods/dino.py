@@ -13,6 +13,7 @@ from voxstream.model import distributed, monitors
 from voxstream.model.methods.base import MethodConfig, SSLMethod
 from voxstream.model.methods.parts import ema_update, encode_views, frozen_copy, mlp
 from voxstream.model.schedules import cosine
+from voxstream.model.ssps import Positives
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DINOHead(nn.Module):
 
 class DINO(SSLMethod):
     Config = Config
+    SAMPLES_POSITIVES = True
 
     def __init__(self, encoder, cfg: Config, embed_dim: int):
         super().__init__(encoder, cfg, embed_dim)
@@ -78,12 +80,15 @@ class DINO(SSLMethod):
             return cfg.teacher_temp
         return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * p / cfg.warmup_teacher_temp_fraction
 
-    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # no negatives: groups unused
-        self.check_views(views)
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None,
+                positives: Positives | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.check_views(views)  # no negatives: groups unused
         g = self.cfg.global_views
         with torch.no_grad():
-            teacher_out = self.teacher_head(torch.cat(encode_views(self.teacher_encoder, views[:g]))).float()
+            teacher_embeddings = encode_views(self.teacher_encoder, views[:g])
+            if positives is not None:  # SSPS: the teacher's embeddings (its current head applies to them)
+                teacher_embeddings = [positives.swap(t) for t in teacher_embeddings]
+            teacher_out = self.teacher_head(torch.cat(teacher_embeddings)).float()
             teacher = F.softmax((teacher_out - self.center) / self.teacher_temp(), dim=-1).chunk(g)
         embeddings = encode_views(self.encoder, views)
         student = F.log_softmax(self.head(torch.cat(embeddings)).float() / self.cfg.student_temp, dim=-1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from voxstream.model import distributed, monitors
 from voxstream.model.methods.base import MethodConfig, SSLMethod
 from voxstream.model.methods.parts import ema_update, encode_views, frozen_copy, mlp
+from voxstream.model.ssps import Positives
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Config(MethodConfig):
 
 class MoCo(SSLMethod):
     Config = Config
+    SAMPLES_POSITIVES = True
 
     def __init__(self, encoder, cfg: Config, embed_dim: int):
         super().__init__(encoder, cfg, embed_dim)
@@ -40,8 +42,8 @@ class MoCo(SSLMethod):
         # The group of each queued key (-1: none), so a query skips the keys of its own session.
         self.register_buffer("queue_groups", torch.full((cfg.queue_size,), -1, dtype=torch.long))
 
-    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None,
+                positives: Positives | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
         q1, q2 = F.normalize(self.projector(y1).float(), dim=1), F.normalize(self.projector(y2).float(), dim=1)
@@ -54,7 +56,8 @@ class MoCo(SSLMethod):
         # it in place before backward: on the buffer itself backward would raise (a saved tensor
         # was modified). The copy keeps the keys this loss was computed against.
         queue = self.queue.clone()
-        loss = (self._infonce(q1, k2, queue, own) + self._infonce(q2, k1, queue, own)) / 2
+        p1, p2 = (positives.swap(k1), positives.swap(k2)) if positives is not None else (k1, k2)  # SSPS
+        loss = (self._infonce(q1, p2, queue, own) + self._infonce(q2, p1, queue, own)) / 2
         everyone = distributed.gather(groups)
         self._enqueue(torch.cat([distributed.gather(k1), distributed.gather(k2)]), everyone.repeat(2))
         y = y1.detach()

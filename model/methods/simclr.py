@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from voxstream.model import distributed, monitors
 from voxstream.model.methods.base import MethodConfig, SSLMethod
 from voxstream.model.methods.parts import encode_views, mlp
+from voxstream.model.ssps import Positives
 
 
 @dataclass
@@ -52,17 +53,21 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
 
 class SimCLR(SSLMethod):
     Config = Config
+    SAMPLES_POSITIVES = True
 
     def __init__(self, encoder, cfg: Config, embed_dim: int):
         super().__init__(encoder, cfg, embed_dim)
         self.projector = (mlp([embed_dim, cfg.projector_hidden_dim, cfg.projector_output_dim],
                               batch_norm=False) if cfg.enable_projector else torch.nn.Identity())
 
-    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None,
+                positives: Positives | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.check_views(views)
         y1, y2 = encode_views(self.encoder, views)
-        loss, accuracy = nt_xent(self.projector(y1), self.projector(y2), self.cfg.temperature, groups)
+        z1, z2 = self.projector(y1), self.projector(y2)
+        if positives is not None:  # SSPS: the second view's output is the positive branch
+            z2 = positives.swap(z2)
+        loss, accuracy = nt_xent(z1, z2, self.cfg.temperature, groups)
         y = y1.detach()
         return loss, {"loss": loss.detach(), "accuracy": accuracy,
                       "embedding_std": monitors.embedding_std(y), "effective_rank": monitors.effective_rank(y)}
