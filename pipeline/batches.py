@@ -14,9 +14,14 @@ loader's (same workers, batch size and world size). Every rank and worker reads 
 that changes every epoch, and no rank can run dry: streams resample shards forever, whatever their
 number and sizes.
 
+Items. Each item holds its crops (one per view), its key, group, label, global index and speaker
+(pipeline/views.py), and, when the plan asks for `reference_seconds` (SSPS), one more clean crop of
+its own utterance, drawn from the chunk's generator like the others, so a resume replays it too.
+
 CPU augmentation (`augment.cpu`, pipeline/cpu_augment.py) runs on each delivered batch's crops,
 every item seeded from a child of its chunk's generator: batches stay a function of the chunk's
 seed, a resume gives the same augmented batches, and the crops it starts from are those without it.
+It runs on the views only: the reference crop stays clean.
 
 Shuffling. Items (int16 crops) wait in a buffer of `shuffle_buffer`; each draw picks a random item,
 retrying a few times when its group is already in the batch, because samples of a group sit together
@@ -96,6 +101,16 @@ class Plan:
     rank: int
     start_step: int
     cpu_augment: list[dict] = field(default_factory=list)  # prepared augment.cpu entries (pipeline/cpu_augment.py)
+    reference_seconds: float = 0.0  # > 0: each item also gets a clean crop this long of its own utterance (SSPS)
+
+    @property
+    def reference_frames(self) -> int:
+        return view_frames([self.reference_seconds])[0] if self.reference_seconds > 0 else 0
+
+    @property
+    def frames(self) -> list[int]:
+        """Samples per view of its batches: the views', then the reference crop's when there is one."""
+        return view_frames(self.cfg.views) + ([self.reference_frames] if self.reference_frames else [])
 
 
 def _pick(buffer: list[TrainingItem], taken: set[str], rng: np.random.Generator) -> TrainingItem:
@@ -107,13 +122,13 @@ def _pick(buffer: list[TrainingItem], taken: set[str], rng: np.random.Generator)
     return buffer.pop()
 
 
-def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], labels: Labels | None,
+def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], labels: Labels | None, reference: int,
            rng: np.random.Generator, stats: StreamStats) -> Iterator[list[TrainingItem]]:
     """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
     samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats, cfg.retry)
     make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
-    items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), labels, rng, stats)
+    items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), labels, rng, stats, reference)
     to_read, buffer = cfg.chunk_steps * cfg.batch_size, []
     try:
         for _ in range(cfg.chunk_steps):
@@ -147,7 +162,7 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
     while count:
         rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
         augment_seeds = rng.spawn(1)[0]  # a child generator: the crops stay those drawn without augmentation
-        for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, labels, rng, stats)):
+        for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, labels, plan.reference_frames, rng, stats)):
             seeds = augment_seeds.integers(2**32, size=len(items))  # skipped batches draw too: resume replays them
             if skip:
                 skip -= 1
@@ -169,8 +184,9 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
 
 
 def by_view(items: list[TrainingItem], views: int) -> list[list[np.ndarray]]:
-    """The crops of a batch's items, view by view."""
-    return [[it.views[v] for it in items] for v in range(views)]
+    """The crops of a batch's items, view by view, their reference crops last when they have them."""
+    rows = [[it.views[v] for it in items] for v in range(views)]
+    return rows + [[it.reference for it in items]] if items[0].reference is not None else rows
 
 
 def peak_rss_mb() -> float:

@@ -1,17 +1,20 @@
-"""Batches of positive views for SSL training: make_loader(cfg, epoch, rank, world_size, start_step, cpu_augment).
+"""Batches of positive views for SSL training: make_loader(cfg, epoch, rank, world_size, start_step, cpu_augment,
+reference_seconds).
 
 How a rank's steps are split into seeded streams and chunks, and how the shuffle buffer works, is in
 pipeline/batches.py; the worker processes that run the streams are in pipeline/workers.py.
 
 Batches are int16 `[B, T_v]` tensors per view (half the bytes of float on the way to the device),
-pinned when CUDA is available; `views_to_device` turns them into float32 in [-1, 1] on the device.
+the clean reference view last when `reference_seconds` > 0 (SSPS), pinned when CUDA is available;
+`views_to_device` turns them into float32 in [-1, 1] on the device. Each batch also lists its items'
+keys, groups, labels, global indices (pipeline/sources.py) and speakers.
 Workers stack them into shared slots mapped once per pass (pipeline/ring.py), and the trainer copies
 each batch out as it arrives (into pinned memory on CUDA, where a copy was needed anyway).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -30,10 +33,12 @@ _SLOTS = 2  # batches a worker may have ready before the trainer takes one
 
 @dataclass
 class Batch:
-    views: list[torch.Tensor]  # each [B, T_v] int16
+    views: list[torch.Tensor]  # each [B, T_v] int16; the reference view last when asked for
     keys: list[str]
     groups: list[str]
     labels: list[int] | None = None  # the items' (pseudo-)speakers when data.labels is set
+    indices: list[int] = field(default_factory=list)  # global indices (pipeline/sources.py), -1 where unknown
+    speakers: list[str] = field(default_factory=list)  # from the metadata, "" where unknown: monitoring only
 
 
 def views_to_device(batch: Batch, device: torch.device | str) -> list[torch.Tensor]:
@@ -80,7 +85,8 @@ class Loader:
                 self.per_stream[0] = stats
                 views = [_tensor(rows, pin) for rows in by_view(items, len(cfg.views))]
                 yield Batch(views, [it.key for it in items], [it.group for it in items],
-                            [it.label for it in items] if cfg.labels else None)
+                            [it.label for it in items] if cfg.labels else None,
+                            [it.index for it in items], [it.speaker for it in items])
         else:
             workers = Workers(self.plan, cfg.workers, _SLOTS)
             try:
@@ -89,7 +95,8 @@ class Loader:
                     self.per_stream[ready.worker] = ready.stats
                     views = [_tensor(v, pin) for v in workers.ring.get(ready.worker, ready.slot)]
                     workers.free(ready.worker)
-                    yield Batch(views, ready.keys, ready.groups, ready.labels if cfg.labels else None)
+                    yield Batch(views, ready.keys, ready.groups, ready.labels if cfg.labels else None,
+                                ready.indices, ready.speakers)
             finally:
                 workers.close()
         log.info("pipeline epoch %d rank %d: %s", self.plan.epoch, self.plan.rank, self.stats)
@@ -101,10 +108,14 @@ class Loader:
 
 
 def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0,
-                cpu_augment: list[dict] | None = None) -> Loader:
+                cpu_augment: list[dict] | None = None, reference_seconds: float = 0.0) -> Loader:
     """The batches of one rank's epoch; `start_step` resumes mid-epoch (see pipeline/batches.py).
     `cpu_augment`: the recipe's `augment.cpu` as `prepare_cpu_augment` returns it (its shard sets
-    already copied to local folders), run on every crop in the streams (pipeline/cpu_augment.py)."""
+    already copied to local folders), run on every view's crop in the streams (pipeline/cpu_augment.py).
+    `reference_seconds` > 0: every item gets one more view, that long, cropped from its own utterance
+    and never augmented, last in Batch.views (SSPS's reference crop)."""
+    if reference_seconds < 0:
+        raise ValueError(f"reference_seconds {reference_seconds}: must be >= 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if not 0 <= start_step <= cfg.steps_per_epoch:
@@ -112,7 +123,7 @@ def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_s
     corpora, weights = resolve_all(cfg.train, cfg.weights, cfg.storage_options)
     if cfg.labels:
         check_labels(cfg.labels, corpora, cfg.storage_options)
-    plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []))
+    plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []), reference_seconds)
     return Loader(plan, cfg.steps_per_epoch - start_step)
 
 

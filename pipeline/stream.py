@@ -1,4 +1,5 @@
-"""Resampled, infinite streams of samples (shards.format.Sample) over shards, corpora mixed per sample.
+"""Resampled, infinite streams of samples (shards.format.Sample) over shards, corpora mixed per sample,
+each with its global index (pipeline/sources.py; -1 without a manifest or a `position`).
 
 Each shard visit picks a shard at random and enters it at a random tar block: it finds the next tar
 header there, skips to the next group boundary, reads to the end, then wraps to the start and reads
@@ -181,9 +182,15 @@ def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, 
         f.close()
 
 
+def sample_index(shard: Shard, sample: Sample) -> int:
+    """The sample's global index: its shard's first plus its position, -1 when either is missing."""
+    position = sample.meta.get("position")
+    return shard.first + position if shard.first is not None and isinstance(position, int) else -1
+
+
 def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None,
-                   strict: bool, stats: StreamStats, retry: Retry) -> Iterator[Sample]:
-    """An endless stream of samples from random visits of the corpus's shards."""
+                   strict: bool, stats: StreamStats, retry: Retry) -> Iterator[tuple[int, Sample]]:
+    """An endless stream of (global index, sample) from random visits of the corpus's shards."""
     barren = 0  # consecutive visits that gave nothing: all shards broken must fail, not spin
     while True:
         shard = corpus.shards[int(rng.integers(len(corpus.shards)))]
@@ -193,7 +200,7 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
             for sample in visit(shard, rng, storage_options, stats, retry):
                 got += 1
                 stats.samples_read += 1
-                yield sample
+                yield sample_index(shard, sample), sample
         except (OSError, CorruptShard) as e:
             if strict:
                 raise
@@ -206,8 +213,8 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
 
 def mixed_samples(corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
                   storage_options: dict | None, strict: bool, stats: StreamStats,
-                  retry: Retry = Retry()) -> Iterator[Sample]:
-    """Samples drawn from the corpora with the given probabilities, one choice per sample."""
+                  retry: Retry = Retry()) -> Iterator[tuple[int, Sample]]:
+    """(Global index, sample) drawn from the corpora with the given probabilities, one choice per sample."""
     streams = [corpus_samples(c, rng, storage_options, strict, stats, retry) for c in corpora]
     try:
         if len(streams) == 1:

@@ -12,6 +12,11 @@ through them when the group has fewer utterances than views). A group reduced to
 utterance falls back to same-utterance views (`stats.fallbacks`, out of `stats.cross_items`).
 Groups are taken as they appear in the stream (contiguous in a shard) and cut into runs of at most
 MAX_GROUP utterances so that one huge group cannot hold unbounded FLAC bytes.
+
+Reference crop (`reference` frames > 0, for SSPS): one more crop per item, always from the item's
+own utterance (the anchor, cross-utterance), kept apart from the views (`TrainingItem.reference`)
+so that CPU augmentation, which runs on the views, leaves it clean. Items carry their utterance's
+global index and speaker (monitoring only), the anchor's in cross-utterance mode.
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ class TrainingItem:
     group: str
     views: list[np.ndarray]  # int16, one per view length
     label: int = -1  # its (pseudo-)speaker from data.labels; -1 without labels
+    index: int = -1  # global index of its utterance (pipeline/sources.py); -1 without one
+    speaker: str = ""  # from the metadata ("" without one): for monitoring, never for training
+    reference: np.ndarray | None = None  # int16 clean crop of its own utterance, when asked for
 
 
 class Utterance(NamedTuple):
@@ -52,6 +60,8 @@ class Utterance(NamedTuple):
     flac: bytes
     length: int  # samples
     label: int = -1
+    index: int = -1
+    speaker: str = ""
 
 
 class CorruptSample(ValueError):
@@ -126,10 +136,10 @@ def _length(sample: Sample) -> int:
         raise CorruptSample(f"{sample.key}: metadata has no num_samples") from None
 
 
-def _usable(samples: Iterable[Sample], min_frames: int, labels: Labels | None,
+def _usable(samples: Iterable[tuple[int, Sample]], min_frames: int, labels: Labels | None,
             stats: StreamStats) -> Iterator[Utterance]:
     """Samples with a length, long enough and, with `labels`, labelled: the label is then the group."""
-    for sample in samples:
+    for index, sample in samples:
         try:
             length = _length(sample)
         except CorruptSample as e:
@@ -139,26 +149,37 @@ def _usable(samples: Iterable[Sample], min_frames: int, labels: Labels | None,
         if length < min_frames:
             stats.short_skipped += 1
             continue
+        speaker = str(sample.meta.get("speaker") or "")
         if labels is None:
-            yield Utterance(sample.key, group_of(sample), sample.flac, length)
+            yield Utterance(sample.key, group_of(sample), sample.flac, length, -1, index, speaker)
             continue
         label = labels.lookup(sample.key)
         if label < 0:
             stats.unlabeled += 1
             continue
-        yield Utterance(sample.key, f"label-{label}", sample.flac, length, label)
+        yield Utterance(sample.key, f"label-{label}", sample.flac, length, label, index, speaker)
 
 
-def same_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int, labels: Labels | None,
-                   rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
+def _item(utterance: Utterance, cut: list[np.ndarray], views: int) -> TrainingItem:
+    """The item of an utterance (the anchor), from its views' crops and then its reference crop, if any."""
+    reference = cut[views] if len(cut) > views else None
+    return TrainingItem(utterance.key, utterance.group, cut[:views], utterance.label, utterance.index,
+                        utterance.speaker, reference)
+
+
+def same_utterance(samples: Iterable[tuple[int, Sample]], frames: list[int], min_frames: int,
+                   labels: Labels | None, rng: np.random.Generator, stats: StreamStats,
+                   reference: int = 0) -> Iterator[TrainingItem]:
+    """One item per utterance, its views (and `reference` frames of clean crop, if > 0) all from it."""
+    all_frames = frames + [reference] if reference else frames
     for utterance in _usable(samples, min_frames, labels, stats):
         try:
-            views = crops(utterance, frames, rng, stats)
+            views = crops(utterance, all_frames, rng, stats)
         except CorruptSample as e:
             stats.samples_skipped += 1
             log.warning("sample skipped: %s", e)
             continue
-        yield TrainingItem(utterance.key, utterance.group, views, utterance.label)
+        yield _item(utterance, views, len(frames))
 
 
 def _group_runs(usable: Iterable[Utterance]) -> Iterator[list[Utterance]]:
@@ -168,9 +189,12 @@ def _group_runs(usable: Iterable[Utterance]) -> Iterator[list[Utterance]]:
             yield run[i:i + MAX_GROUP]
 
 
-def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: int, labels: Labels | None,
-                    rng: np.random.Generator, stats: StreamStats) -> Iterator[TrainingItem]:
-    """One item per utterance of each group: its first view from it, the others from the rest of the group."""
+def cross_utterance(samples: Iterable[tuple[int, Sample]], frames: list[int], min_frames: int,
+                    labels: Labels | None, rng: np.random.Generator, stats: StreamStats,
+                    reference: int = 0) -> Iterator[TrainingItem]:
+    """One item per utterance of each group: its first view (and its reference crop) from it, the
+    other views from the rest of the group."""
+    all_frames = frames + [reference] if reference else frames
     for run in _group_runs(_usable(samples, min_frames, labels, stats)):
         for anchor in range(len(run)):
             stats.cross_items += 1
@@ -181,13 +205,15 @@ def cross_utterance(samples: Iterable[Sample], frames: list[int], min_frames: in
             wanted: dict[int, list[int]] = {}
             for v in range(len(frames)):
                 wanted.setdefault(source[v % len(source)], []).append(v)
-            views: list[np.ndarray | None] = [None] * len(frames)
+            if reference:
+                wanted[anchor].append(len(frames))
+            views: list[np.ndarray | None] = [None] * len(all_frames)
             try:
                 for u, vs in wanted.items():
-                    for v, crop in zip(vs, crops(run[u], [frames[v] for v in vs], rng, stats)):
+                    for v, crop in zip(vs, crops(run[u], [all_frames[v] for v in vs], rng, stats)):
                         views[v] = crop
             except CorruptSample as e:
                 stats.samples_skipped += 1
                 log.warning("sample skipped: %s", e)
                 continue
-            yield TrainingItem(run[anchor].key, run[anchor].group, views, run[anchor].label)
+            yield _item(run[anchor], views, len(frames))

@@ -8,7 +8,7 @@ the middle of a step: the trainer stops them itself, and they exit when it dies 
 
 Protocol, per worker, over two pipes. The trainer sends the stream's Plan and the ring's layout
 (pipeline/ring.py; the ring's descriptor is inherited). The worker stacks each batch into its next
-slot and sends ("batch", slot, keys, groups, labels, stats), which `receive` hands on as a Ready. It may
+slot and sends ("batch", slot, keys, groups, labels, indices, speakers, stats), which `receive` hands on as a Ready. It may
 fill all `slots` slots ahead; after that it waits for a credit before each batch, which the trainer
 sends once it has copied a batch out, so a slot is never overwritten before it has been read. An
 exception in a worker is sent back (with its traceback) and raised in the trainer.
@@ -26,7 +26,6 @@ from typing import NamedTuple
 from voxstream.pipeline.batches import Plan, by_view, stream_batches
 from voxstream.pipeline.ring import Layout, Ring
 from voxstream.pipeline.stats import StreamStats
-from voxstream.pipeline.views import view_frames
 
 _STOP_TIMEOUT_S = 5.0
 
@@ -38,6 +37,8 @@ class Ready(NamedTuple):
     keys: list[str]
     groups: list[str]
     labels: list[int]
+    indices: list[int]  # global indices (pipeline/sources.py), -1 where unknown
+    speakers: list[str]
     stats: StreamStats  # the worker's stream's, so far
 
 
@@ -48,7 +49,7 @@ class Workers:
 
     def __init__(self, plan: Plan, count: int, slots: int):
         self.count = count
-        self.ring = ring = Ring(Layout(count, slots, plan.cfg.batch_size, tuple(view_frames(plan.cfg.views))))
+        self.ring = ring = Ring(Layout(count, slots, plan.cfg.batch_size, tuple(plan.frames)))
         self.procs: list[subprocess.Popen] = []
         self.tasks: list[Connection] = []
         self.results: list[Connection] = []
@@ -111,9 +112,9 @@ def _serve(tasks: Connection, results: Connection, ring_fd: int) -> None:
             if produced >= layout.slots:
                 tasks.recv_bytes()  # a credit: the trainer has copied out the batch that held this slot
             slot = produced % layout.slots
-            ring.put(worker, slot, by_view(items, len(layout.frames)))
-            results.send(("batch", slot, [it.key for it in items], [it.group for it in items],
-                          [it.label for it in items], stats))
+            ring.put(worker, slot, by_view(items, len(plan.cfg.views)))
+            results.send(("batch", slot, [it.key for it in items], [it.group for it in items], [it.label for it in items],
+                          [it.index for it in items], [it.speaker for it in items], stats))
     except (EOFError, BrokenPipeError):
         return  # the trainer has gone or stopped this pass
     except Exception as e:

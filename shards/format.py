@@ -1,9 +1,11 @@
 """The shard format (version 1), shared by every writer and reader.
 
 A shard is an uncompressed tar of WebDataset samples, one per utterance, with members
-`<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata), in ustar headers (a key too long
+`<key>.flac` (16 kHz mono 16-bit FLAC) and `<key>.json` (metadata, META_FIELDS at least), in ustar headers (a key too long
 for the name field goes to the ustar prefix field, never to a pax header). `manifest.json` beside the
 shards describes the complete set and is written last: its presence means the set is complete.
+Each sample's metadata holds its `position` in its shard (0-based, written by build_shard): with the
+manifest's per-shard counts it gives every utterance a stable global index (pipeline/sources.py).
 
 Shards are written with webdataset's TarWriter, imported inside build_shard because webdataset imports
 torch and the torch-free loader workers import this module. Reading stays torch-free: `iter_tar`
@@ -29,7 +31,8 @@ FORMAT_VERSION = 1
 SAMPLE_RATE = 16000
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
-META_FIELDS = ("utt", "corpus", "speaker", "session", "group", "duration", "num_samples", "sample_rate", "source")
+META_FIELDS = ("utt", "corpus", "speaker", "session", "group", "duration", "num_samples", "sample_rate", "source",
+               "position")
 
 
 class Sample(NamedTuple):
@@ -90,7 +93,8 @@ class ShardStats:
 
 
 def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
-    """Tar bytes and stats for samples, in order. Groups must already be contiguous."""
+    """Tar bytes and stats for samples, in order, each one's metadata written with its `position`
+    (the callers' dicts are left as they are). Groups must already be contiguous."""
     from webdataset import TarWriter
 
     buf = io.BytesIO()
@@ -101,8 +105,9 @@ def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
         # webdataset (1.0.2) accepts `format` but never hands it to tarfile, whose default, pax, would
         # put a key longer than 100 characters in an extended header that the workers' reader skips.
         tar.tarstream.format = tarfile.USTAR_FORMAT
-        for key, meta, flac in samples:
-            tar.write({"__key__": key, "flac": flac, "json": json.dumps(meta, sort_keys=True).encode()})
+        for position, (key, meta, flac) in enumerate(samples):
+            tar.write({"__key__": key, "flac": flac,
+                       "json": json.dumps({**meta, "position": position}, sort_keys=True).encode()})
             stats.samples += 1
             stats.groups += meta.get("group") != last_group
             last_group = meta.get("group")

@@ -1,8 +1,8 @@
 """Check a shard set against its manifest by re-reading every sample.
 
 Per shard: size and sha256, one .flac and one .json per key, the key derived from the metadata,
-16 kHz mono 16-bit FLAC that decodes to num_samples frames of the stated duration, contiguous groups,
-and the counts the manifest states. Across shards: unique keys, groups split only between
+16 kHz mono 16-bit FLAC that decodes to num_samples frames of the stated duration, each sample's
+position, contiguous groups, and the counts the manifest states. Across shards: unique keys, groups split only between
 neighbouring shards, no stray shard of the same prefix outside the manifest.
 """
 from __future__ import annotations
@@ -81,6 +81,8 @@ def _check_sample(key: str, members: dict[str, bytes], corpus: str, report: Shar
         return bad(f"metadata is not JSON: {e}")
     if missing := [f for f in META_FIELDS if f not in meta]:
         return bad(f"metadata lacks {missing}")
+    if meta["position"] != len(report.keys) - 1:
+        bad(f"position {meta['position']}, but sample {len(report.keys) - 1} of its shard")
     if not report.groups or report.groups[-1] != meta["group"]:
         report.groups.append(meta["group"])
     report.seconds += meta["duration"]
