@@ -30,15 +30,17 @@ from voxstream.model import distributed
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.encoders import build_encoder
 from voxstream.model.logs import Meter, MetricsLog
-from voxstream.model.methods import build_method
+from voxstream.model.methods import METHODS, build_method
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
 from voxstream.model.schedules import cosine, warmup_cosine
+from voxstream.model.ssps import SSPS, Positives
 from voxstream.pipeline.augment import Augmenter
 from voxstream.pipeline.cpu_augment import default_cache_dir, prepare_cpu_augment
-from voxstream.pipeline.loader import group_ids, make_loader, views_to_device
+from voxstream.pipeline.loader import Batch, Loader, group_ids, make_loader, views_to_device
+from voxstream.pipeline.sources import index_size
 from voxstream.shards import storage
 from voxstream.shards.format import MANIFEST
-from voxstream.shards.labels import read_labels
+from voxstream.shards.labels import read_labels, stable_hash
 
 
 class TrainingError(RuntimeError):
@@ -164,6 +166,34 @@ def initial_encoder(recipe: Recipe) -> nn.Module:
     return encoder
 
 
+def build_ssps(recipe: Recipe, loader: Loader, total_steps: int, device: torch.device) -> SSPS | None:
+    """SSPS's queues over every utterance of data.train (recipe.ssps), or None when it is off."""
+    cfg = recipe.ssps
+    if not cfg.enabled:
+        return None
+    if not METHODS[recipe.method.name].SAMPLES_POSITIVES:
+        raise RecipeError(f"ssps.enabled: {recipe.method.name} has no positive branch to sample; "
+                          f"SSPS works with {', '.join(n for n, m in METHODS.items() if m.SAMPLES_POSITIVES)}")
+    utterances = index_size(loader.plan.corpora)
+    if utterances is None:
+        raise RecipeError(f"ssps.enabled: data.train must be shard sets with a manifest (SSPS indexes every "
+                          f"utterance by its shard and position), got {recipe.data.train}")
+    return SSPS(cfg, utterances, recipe.model.embed_dim, recipe.data.steps_per_epoch, total_steps, device)
+
+
+def draw_positives(ssps: SSPS, step: int, encoder: nn.Module, batch: Batch, reference: torch.Tensor,
+                   groups: torch.Tensor, autocast: torch.autocast) -> Positives:
+    """This step's SSPS draw from the batch's clean reference crops (the loader's last view)."""
+    if min(batch.indices) < 0:
+        raise TrainingError("data.train: shards without sample positions in their metadata (written by an "
+                            "older make_shards.py): rewrite them with tools/make_shards.py to train with ssps")
+    device = reference.device
+    indices = torch.tensor(batch.indices, dtype=torch.int64).to(device, non_blocking=True)
+    speakers = torch.tensor([stable_hash(s) if s else 0 for s in batch.speakers], dtype=torch.int64)
+    with autocast:
+        return ssps.begin(step, encoder, reference, indices, groups, speakers.to(device, non_blocking=True))
+
+
 def check_outputs(recipe: Recipe) -> None:
     """Fail before any training if the run could not write its results."""
     cfg = recipe.train
@@ -224,13 +254,15 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> Non
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter, views: list[torch.Tensor],
-               groups: torch.Tensor, autocast: torch.autocast, grad_clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step on a batch of views (and their group ids) already on the device; (loss, stats) stay there."""
+               groups: torch.Tensor, autocast: torch.autocast, grad_clip: float,
+               positives: Positives | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on a batch of views (and their group ids) already on the device; (loss, stats) stay there.
+    `positives`: this step's SSPS draw (model/ssps.py), for the methods that take it."""
     with torch.no_grad():
         if augmenter.enabled:
             views = [augmenter(v) for v in views]  # each view its own draw: different noise, room, SNR
     with autocast:
-        loss, stats = model(views, groups)
+        loss, stats = model(views, groups) if positives is None else model(views, groups, positives)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -241,8 +273,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Au
 
 
 def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter,
-                     step: int, final: bool, log: MetricsLog | None, control) -> str:
-    """Every rank sends its step and RNG states; rank 0 writes; nobody goes on until the file exists."""
+                     ssps: SSPS | None, step: int, final: bool, log: MetricsLog | None, control) -> str:
+    """Every rank sends its step and RNG states; rank 0 writes (with the SSPS state, the same on every
+    rank); nobody goes on until the file exists."""
     cfg, world = recipe.train, distributed.world_size()
     mine = {"step": step, "rng": rng_state(augmenter)}
     ranks = [mine] * world
@@ -251,7 +284,8 @@ def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.O
     saved = None
     if distributed.rank() == 0:
         saved = save_checkpoint({"recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
-                                 "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world},
+                                 "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
+                                 **({"ssps": ssps.state_dict()} if ssps else {})},
                                 cfg.out_dir, final, cfg.keep_last, cfg.storage_options)
         log.sync()
     if distributed.is_dist():
@@ -293,7 +327,9 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         except ValueError as e:  # an entry audiomentations rejects: the message names it
             raise RecipeError(str(e)) from None
     with storage_errors("data.train"):  # unreadable data fails here, before the model is built
-        loader = make_loader(data, epoch, rank, world, start_step=skip, cpu_augment=cpu_augment)
+        loader = make_loader(data, epoch, rank, world, start_step=skip, cpu_augment=cpu_augment,
+                             reference_seconds=recipe.ssps.ref_seconds if recipe.ssps.enabled else 0.0)
+        ssps = build_ssps(recipe, loader, total, device)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     with storage_errors("train.init"):
@@ -308,6 +344,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     if ckpt:
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ssps:
+            ssps.load_state_dict(ckpt["ssps"])
         if ckpt["world_size"] == world:
             set_rng_state(ckpt["ranks"][rank]["rng"], augmenter)
         elif rank == 0:
@@ -332,16 +370,22 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     try:
         while state.step < total:
             if loader is None:  # the first epoch's was made before the model, to fail fast
-                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0, cpu_augment=cpu_augment)
+                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0,
+                                     cpu_augment=cpu_augment, reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0)
             fetched = time.perf_counter()
             for batch in loader:
                 meter.waited += time.perf_counter() - fetched
                 state.lr = warmup_cosine(state.step, total, warmup, optim.lr, optim.final_lr)
                 state.weight_decay = cosine(state.step, total, optim.weight_decay, optim.final_weight_decay)
                 set_schedules(optimizer, state.lr, state.weight_decay)
-                views = views_to_device(batch, device)
-                loss, stats = train_step(model, optimizer, augmenter, views, group_ids(batch, device), autocast,
-                                         optim.grad_clip)
+                views, groups = views_to_device(batch, device), group_ids(batch, device)
+                positives = (draw_positives(ssps, state.step, method.encoder, batch, views.pop(), groups, autocast)
+                             if ssps else None)
+                loss, stats = train_step(model, optimizer, augmenter, views, groups, autocast, optim.grad_clip,
+                                         positives)
+                if ssps:
+                    ssps.remember(state.step, positives)
+                    stats = {**stats, **ssps.stats(positives, speakers_known=any(batch.speakers))}
                 method.after_step(state.step, total)
                 state.step += 1
                 meter.add(loss, stats)
@@ -357,7 +401,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                     if distributed.is_dist():
                         dist.barrier(group=control)
                 if periodic or stopping:
-                    state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, state.step, False, log,
+                    state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, ssps, state.step, False, log,
                                                        control)
                 if stopping:
                     if rank == 0:
@@ -369,7 +413,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                 log.write({"step": state.step, "epoch": (state.step - 1) // steps_per_epoch, "pipeline": loader.stats})
             loader = None
         if state.step > start_step:
-            state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, state.step, True, log, control)
+            state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, ssps, state.step, True, log, control)
             if rank == 0:
                 steps, seconds = state.step - start_step, time.perf_counter() - run_started
                 tqdm.write(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s, "

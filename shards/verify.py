@@ -79,9 +79,10 @@ def _check_sample(key: str, members: dict[str, bytes], corpus: str, report: Shar
         meta = json.loads(members["json"])
     except ValueError as e:
         return bad(f"metadata is not JSON: {e}")
-    if missing := [f for f in META_FIELDS if f not in meta]:
+    # Sets written before samples recorded their position stay valid (only SSPS needs the position).
+    if missing := [f for f in META_FIELDS if f not in meta and f != "position"]:
         return bad(f"metadata lacks {missing}")
-    if meta["position"] != len(report.keys) - 1:
+    if "position" in meta and meta["position"] != len(report.keys) - 1:
         bad(f"position {meta['position']}, but sample {len(report.keys) - 1} of its shard")
     if not report.groups or report.groups[-1] != meta["group"]:
         report.groups.append(meta["group"])
