@@ -7,6 +7,10 @@ checkpoint (weights, optimizer, method buffers, step, RNG states; the stream pos
 schedules follow from the step), so a run that was killed and resumed follows the trajectory of one
 that was not. What the loop carries between steps is one LoopState; SIGTERM is a StopRequest that
 the run installs and removes.
+
+With `ssps.enabled` (model/ssps.py) the loader adds a clean reference crop as the last view: SSPS
+embeds it and draws the step's positives before the step, and queues both after it; its state is
+saved with the checkpoint.
 """
 from __future__ import annotations
 
