@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxstream.model import distributed
-from voxstream.model.cluster import CHUNK, assign, spherical_kmeans
+from voxstream.model.cluster import assign, spherical_kmeans
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -242,14 +242,16 @@ def embed_clean(encoder: nn.Module, crops: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def nearest_others(centroids: torch.Tensor, m: int) -> torch.Tensor:
-    """[K, m] the m most similar other centroids of each centroid (itself when K <= m), in blocks of rows."""
+    """[K, m] the m most similar other centroids of each centroid (itself when K <= m), in blocks of
+    rows that keep the similarity block under 2**26 floats (256 MB; K = 25,000 takes 2,684 rows a block)."""
     k = len(centroids)
+    block = max(1, (1 << 26) // k)
     out = torch.empty(k, m, dtype=torch.long, device=centroids.device)
-    for start in range(0, k, CHUNK):
-        sim = centroids[start:start + CHUNK] @ centroids.T
-        rows = torch.arange(start, min(start + CHUNK, k), device=centroids.device)
+    for start in range(0, k, block):
+        sim = centroids[start:start + block] @ centroids.T
+        rows = torch.arange(start, min(start + block, k), device=centroids.device)
         if k > 1:
             sim[torch.arange(len(rows)), rows] = float("-inf")
         best = sim.topk(min(m, k), dim=1).indices
-        out[start:start + CHUNK] = best[:, torch.arange(m, device=best.device) % best.shape[1]]
+        out[start:start + block] = best[:, torch.arange(m, device=best.device) % best.shape[1]]
     return out
