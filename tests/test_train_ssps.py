@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from test_train import STEPS_PER_EPOCH, TOTAL, losses, tiny_recipe, write_speech_set
 from voxstream.model.checkpoint import read_checkpoint
@@ -81,3 +82,20 @@ def test_ssps_with_a_method_without_a_positive_branch_or_without_a_manifest_is_o
     pattern = f"{speech}/train-{{000000..000001}}.tar"  # the same shards, named without their manifest
     with pytest.raises(RecipeError, match="^ssps.enabled: data.train must be shard sets with a manifest"):
         train(load_recipe(recipe, [*SSPS, f"data.train={pattern}"]))
+
+
+@pytest.mark.parametrize("method, views", [
+    ({"name": "moco", "queue_size": 64, "projector_hidden_dim": 32, "projector_output_dim": 16}, [1.0, 1.0]),
+    ({"name": "dino", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, [1.0, 1.0, 0.5])], ids=["moco", "dino"])
+def test_moco_and_dino_take_sampled_positives_through_their_positive_branch(speech, tmp_path, method, views):
+    """MoCo's keys and DINO's teacher embeddings are what the positive queue holds and swaps."""
+    recipe = tiny_recipe(tmp_path, speech)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["method"], tree["data"]["views"] = method, views
+    recipe.write_text(yaml.safe_dump(tree))
+    assert train(load_recipe(str(recipe), SSPS)) == TOTAL
+    logged = records(tmp_path / "run")
+    assert all(np.isfinite(r["loss"]) for r in logged.values())
+    assert all(r["ssps_sampled"] > 0.5 for step, r in logged.items() if step > START)
+    queue = read_checkpoint(str(tmp_path / "run" / "last.pt"))["ssps"]["queue"]
+    assert queue.shape == (24, 2, 16)  # two positive outputs an item (keys of both views, or both global crops), 16-d
