@@ -212,6 +212,10 @@ def check_outputs(recipe: Recipe) -> None:
         except ImportError:
             raise RecipeError("train.tensorboard: the tensorboard package is not installed") from None
     fs, path = storage.filesystem(cfg.out_dir, cfg.storage_options)
+    bucket = path.split("/", 1)[0]
+    if not storage.is_local(cfg.out_dir) and not cfg.create_bucket and not fs.exists(bucket):
+        raise RecipeError(f"train.out_dir: bucket {bucket} does not exist in {cfg.out_dir}; "
+                          "create it, or set train.create_bucket=true")
     fs.makedirs(path, exist_ok=True)
 
 

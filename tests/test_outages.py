@@ -1,5 +1,6 @@
 """Storage outages against a real S3 server: one of the test's own, stopped and restarted on its ports
-while training streams from it or make_shards writes to it; an endpoint down from the start.
+while training streams from it or make_shards writes to it; an endpoint down from the start; a
+mistyped bucket in train.out_dir.
 
 botocore tries each request once (storage._s3_defaults), so voxstream's own retries (storage.Retry,
 given small backoffs here through the recipe keys and flags) are what must ride an outage out.
@@ -17,7 +18,9 @@ import pytest
 import yaml
 
 from test_make_shards import LIBRI, corpus, samples
-from test_train import STEPS_PER_EPOCH, losses, tiny_recipe, write_speech_set
+from test_train import STEPS_PER_EPOCH, losses, one_line_error, tiny_recipe, write_speech_set
+from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe
+from voxstream.model.train import check_outputs
 from voxstream.shards import format as fmt
 from voxstream.shards import storage
 from voxstream.shards.locals3 import local_s3
@@ -116,3 +119,18 @@ def test_an_endpoint_down_from_the_start_is_one_line(tmp_path, s3_server):
                     "127.0.0.1:9", "--resume")
     assert_one_line(make_shards("verify", url, env=CLOSED), 1, "127.0.0.1:9")
 
+
+def test_a_missing_out_dir_bucket_is_an_error_unless_its_creation_is_asked_for(s3_server, tmp_path):
+    speech = tmp_path / "speech"
+    write_speech_set(str(speech), speakers=2, shards=1)
+    recipe = tiny_recipe(tmp_path, str(speech))
+    rc, line = one_line_error(recipe, "train.out_dir=s3://no-such-bucket-typo/run")
+    assert rc == 2 and line == ("error: train.out_dir: bucket no-such-bucket-typo does not exist in "
+                                "s3://no-such-bucket-typo/run; create it, or set train.create_bucket=true")
+    assert not storage.exists("s3://no-such-bucket-typo")
+    asked = load_recipe(recipe, ["train.out_dir=s3://fresh-bucket/run", "train.create_bucket=true"])
+    check_outputs(asked)
+    assert storage.exists("s3://fresh-bucket")
+    with pytest.raises(RecipeError, match="bucket no-such-bucket-typo does not exist"):
+        check_outputs(load_recipe(recipe, ["train.out_dir=s3://no-such-bucket-typo/run"]))
+    assert TrainConfig().create_bucket is False
