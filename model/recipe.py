@@ -59,6 +59,8 @@ class TrainConfig:
     init: str = ""                  # checkpoint whose evaluation network the encoder starts from (fine-tuning;
                                     # heads start fresh); unused when the run resumes its own checkpoint
     storage_options: dict = field(default_factory=dict)  # fsspec options for out_dir (s3 keys, endpoint)
+    create_bucket: bool = False     # an out_dir whose bucket does not exist is an error (a typo, likely);
+                                    # true creates the bucket instead
 
 
 @dataclass

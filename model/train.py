@@ -212,6 +212,10 @@ def check_outputs(recipe: Recipe) -> None:
         except ImportError:
             raise RecipeError("train.tensorboard: the tensorboard package is not installed") from None
     fs, path = storage.filesystem(cfg.out_dir, cfg.storage_options)
+    bucket = path.split("/", 1)[0]
+    if not storage.is_local(cfg.out_dir) and not cfg.create_bucket and not fs.exists(bucket):
+        raise RecipeError(f"train.out_dir: bucket {bucket} does not exist in {cfg.out_dir}; "
+                          "create it, or set train.create_bucket=true")
     fs.makedirs(path, exist_ok=True)
 
 
@@ -373,9 +377,11 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     stop = StopRequest.install()  # this run's SIGTERM handler, until `finally` restores the previous one
     try:
         while state.step < total:
-            if loader is None:  # the first epoch's was made before the model, to fail fast
-                loader = make_loader(data, state.step // steps_per_epoch, rank, world, start_step=0,
-                                     cpu_augment=cpu_augment, reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0)
+            if loader is None:  # the first epoch's was made before the model, to fail fast; later ones
+                epoch = state.step // steps_per_epoch  # re-read the manifests, so they ride out an outage
+                loader = data.retry.call(lambda: make_loader(
+                    data, epoch, rank, world, start_step=0, cpu_augment=cpu_augment,
+                    reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0), f"read data.train for epoch {epoch}")
             fetched = time.perf_counter()
             for batch in loader:
                 meter.waited += time.perf_counter() - fetched

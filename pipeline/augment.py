@@ -58,8 +58,8 @@ class AugmentConfig:
     channel_eq_db: float = 6.0      # std of each EQ bump's gain, dB
     channel_tilt_db: float = 2.0    # std of the spectral tilt, dB per octave around 1 kHz
     cpu: list[dict] = field(default_factory=list)  # audiomentations transforms on every crop in the loader (cpu_augment.py)
-    retry_attempts: int = 5         # tries per bank shard read before the rest of the shard is skipped
-    retry_backoff: float = 0.5      # seconds before the first retry, doubling after each (storage.Retry)
+    retry_attempts: int = Retry.attempts  # tries per bank shard read before the rest of the shard is skipped
+    retry_backoff: float = Retry.backoff  # s before the first retry, doubling; the defaults outwait a 1-min S3 restart
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

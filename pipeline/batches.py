@@ -69,8 +69,8 @@ class DataConfig:
     strict: bool = False  # raise on a broken shard instead of skipping it
     storage_options: dict = field(default_factory=dict)
     chunk_steps: int = 16  # batches per independently seeded chunk: the most a resume replays
-    retry_attempts: int = 5  # tries per shard open or read before the shard is skipped (storage.Retry)
-    retry_backoff: float = 0.5  # seconds before the first retry, doubling after each
+    retry_attempts: int = Retry.attempts  # tries per shard open or read before the shard is skipped (storage.Retry)
+    retry_backoff: float = Retry.backoff  # s before the first retry, doubling; the defaults outwait a 1-min S3 restart
     labels: str = ""  # labels file (shards/labels.py): its labels become the groups; unlabeled utterances are skipped
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from typing import Iterable
 class StreamStats:
     shards_opened: int = 0        # shard visits begun
     shards_skipped: int = 0       # visits given up because the shard could not be read (logged with its URL)
+    retries: int = 0              # shard opens and reads retried after a transient storage error (each logged)
     samples_read: int = 0         # complete samples read from shards
     samples_skipped: int = 0      # samples with bad metadata or a FLAC that does not hold what it announces
     short_skipped: int = 0        # utterances under data.min_duration

@@ -9,10 +9,11 @@ steps may stop anywhere) is a uniformly placed window of the shard. This is what
 steps be seeded on its own (see loader.py) without favouring the first samples of each shard, and lets
 four workers share one shard without reading the same window.
 
-A shard that cannot be read (missing, truncated, not a tar, wrong size) is retried for transient I/O
-errors (by the `retry` policy, storage.Retry), then skipped and counted in `stats.shards_skipped`
-(logged with its URL); with `strict` it raises instead. Samples lacking a .flac or .json member are
-skipped and counted too.
+A shard that cannot be read (missing, truncated, not a tar, wrong size) is retried for transient
+storage errors (connection refused or reset, timeouts, 5xx: storage.transient) by the `retry`
+policy (storage.Retry), each retry logged and counted in `stats.retries`; a shard still unreadable
+is then skipped and counted in `stats.shards_skipped` (logged with its URL); with `strict` it
+raises instead. Samples lacking a .flac or .json member are skipped and counted too.
 """
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def _split(name: str) -> tuple[str, str]:
 class _ShardFile:
     """Positioned reads of one shard; a transient error reopens the shard and reads again."""
 
-    def __init__(self, shard: Shard, storage_options: dict | None, retry: Retry):
-        self.shard, self.options, self.retry = shard, storage_options, retry
-        self.file: IO[bytes] | None = retry.call(self._open, f"open {shard.url}")
+    def __init__(self, shard: Shard, storage_options: dict | None, retry: Retry, stats: StreamStats):
+        self.shard, self.options, self.retry, self.stats = shard, storage_options, retry, stats
+        self.file: IO[bytes] | None = retry.call(self._open, f"open {shard.url}", self._retried)
         self.size: int = self.file.size
         if shard.size is not None and shard.size != self.size:
             self.file.close()
@@ -87,10 +88,13 @@ class _ShardFile:
             try:
                 self.file.seek(pos)
                 return self.file.read(n)
-            except OSError:
+            except Exception:  # botocore's and aiohttp's connection errors are not OSError
                 self.close()
                 raise
-        return self.retry.call(attempt, f"read {self.shard.url} at {pos}")
+        return self.retry.call(attempt, f"read {self.shard.url} at {pos}", self._retried)
+
+    def _retried(self) -> None:
+        self.stats.retries += 1
 
     def close(self) -> None:
         if self.file is not None:
@@ -164,7 +168,7 @@ def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, 
           retry: Retry) -> Iterator[Sample]:
     """Every sample of one shard once, from the first group boundary after a random block, wrapping
     around. Starting at a group boundary keeps groups whole for cross-utterance views."""
-    f = _ShardFile(shard, storage_options, retry)
+    f = _ShardFile(shard, storage_options, retry, stats)
     try:
         entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
         ahead = _samples(f.members(entry, f.size), shard.url, stats)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +25,31 @@ class LocalS3:
     endpoint: str
     bucket: str
     env: dict[str, str]
+    cmd: list[str] = field(default_factory=list, repr=False)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def storage_options(self) -> dict:
         """fsspec/s3fs options for this server (the env variables work too)."""
         return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": self.endpoint}}
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server (again: same ports, same data) and wait until it serves the bucket."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_ready(self.proc, self.endpoint, self.bucket, self.env, timeout, self.log_path)
+
+    def stop(self) -> None:
+        """Stop the server, as an outage would (tests of retries restart it with start())."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 def _free_ports(n: int) -> list[int]:
@@ -66,21 +87,15 @@ def local_s3(bucket: str = "voxstream", data_dir: str | None = None, timeout: fl
     cmd = [weed_binary(), "mini", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-s3.config={config}", f"-bucket={bucket}", "-admin.ui=false", "-webdav=false"]
     cmd += [f"-{k}={v}" for k, v in ports.items()]
-    log = open(Path(tmp) / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    server = LocalS3(endpoint, bucket, env, cmd, Path(tmp) / "weed.log")
     try:
-        _wait_ready(proc, endpoint, bucket, env, timeout, Path(tmp) / "weed.log")
-        yield LocalS3(endpoint=endpoint, bucket=bucket, env=env)
+        server.start(timeout)
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
         if data_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,10 +23,14 @@ T = TypeVar("T")
 
 
 def _s3_defaults(options: dict) -> dict:
-    """s3fs does not read AWS_ENDPOINT_URL_S3 on every version: pass it explicitly."""
+    """s3fs does not read AWS_ENDPOINT_URL_S3 on every version: pass it explicitly. botocore tries each
+    request once (unless the options say otherwise): Retry is the one policy that waits, and logs."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in options.get("client_kwargs", {}) and "endpoint_url" not in options:
         options = {**options, "client_kwargs": {**options.get("client_kwargs", {}), "endpoint_url": endpoint}}
+    config = options.get("config_kwargs", {})
+    if "retries" not in config:
+        options = {**options, "config_kwargs": {**config, "retries": {"total_max_attempts": 1}}}
     return options
 
 
@@ -96,30 +100,68 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path)
 
 
-# Errors that retrying cannot fix: the object is missing or forbidden.
+# Errors that retrying cannot fix: the object or bucket is missing (s3fs: NoSuchKey, NoSuchBucket) or
+# forbidden (AccessDenied, InvalidAccessKeyId).
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The connection errors of the S3 client stack, as s3fs lets them through, many not OSError:
+    botocore's (EndpointConnectionError, ConnectionClosedError, ResponseStreamingError, and the
+    timeouts) and aiohttp's (ServerDisconnectedError, ClientPayloadError, ...)."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError, HTTPClientError
+        found += [ConnectionError, HTTPClientError]
+    except ImportError:  # no S3 support installed: nothing of botocore's can be raised either
+        pass
+    try:
+        from aiohttp import ClientError
+        found.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+NETWORK = _network_errors()
+
+
+def transient(error: BaseException) -> bool:
+    """Whether retrying may cure a storage error: any OSError but PERMANENT (s3fs turns HTTP errors,
+    5xx and SlowDown included, into OSError; timeouts are OSError too) and the client stack's
+    connection errors (NETWORK)."""
+    return isinstance(error, (OSError, *NETWORK)) and not isinstance(error, PERMANENT)
 
 
 @dataclass(frozen=True)
 class Retry:
-    """How storage I/O is retried: transient errors (OSError but not PERMANENT) up to `attempts` tries
-    in all, sleeping `backoff` seconds before the first retry and twice as long before each next one,
-    jittered by x0.5-1.5 so that workers that failed together do not retry together. Every retry is
-    logged; giving up raises an OSError naming what was tried, caused by the last error."""
-    attempts: int = 5
-    backoff: float = 0.5
+    """How storage I/O is retried: transient errors (`transient`) up to `attempts` tries in all,
+    sleeping `backoff` seconds before the first retry and twice as long before each next one, jittered
+    by x0.5-1.5 so that workers that failed together do not retry together. Every retry is logged;
+    giving up raises an OSError naming what was tried, caused by the last error. A permanent error
+    is raised at once.
+
+    The defaults wait 1 + 2 + ... + 64 = 127 s in all (at least 63 s after jitter), on top of the
+    failed tries themselves, so a storage server restarting for a minute costs a pause, not the run.
+    Each try is bounded in turn: s3fs makes 5 attempts 0.1-0.8 s apart (botocore's own retries are
+    off, see _s3_defaults) with 5 s connect and 15 s read timeouts: about 2 s when nothing listens,
+    at most 77 s against a server that accepts connections but never answers."""
+    attempts: int = 8
+    backoff: float = 1.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.backoff < 0:
             raise ValueError(f"retry: attempts {self.attempts} must be >= 1 and backoff {self.backoff} >= 0")
 
-    def call(self, action: Callable[[], T], what: str) -> T:
-        """action(), retried."""
+    def call(self, action: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
+        """action(), retried; on_retry() is called before each retry (a counter, say)."""
         for attempt in range(1, self.attempts + 1):
             try:
                 return action()
-            except OSError as e:
+            except Exception as e:
                 self._wait(e, attempt, what)
+                if on_retry:
+                    on_retry()
         raise AssertionError("unreachable")
 
     def iterate(self, items: Callable[[], Iterable[T]], what: str) -> Iterator[T]:
@@ -133,13 +175,13 @@ class Retry:
                         given += 1
                         yield item
                 return
-            except OSError as e:
+            except Exception as e:
                 self._wait(e, attempt, what)
                 attempt += 1
 
-    def _wait(self, error: OSError, attempt: int, what: str) -> None:
-        """Sleep before the next attempt, or raise: a permanent error at once, any after the last attempt."""
-        if isinstance(error, PERMANENT):
+    def _wait(self, error: Exception, attempt: int, what: str) -> None:
+        """Sleep before the next attempt, or raise: an error not transient at once, any after the last attempt."""
+        if not transient(error):
             raise error
         if attempt >= self.attempts:
             raise OSError(f"{what}: gave up after {attempt} attempts: {error}") from error

@@ -183,7 +183,8 @@ def test_a_misspelt_counter_raises_and_the_trainer_logs_the_same_names(tmp_path)
     loader = make_loader(config(url, workers=1, steps_per_epoch=2), 0, 0, 1)
     list(loader)
     assert set(loader.stats) == {
-        "shards_opened", "shards_skipped", "samples_read", "samples_skipped", "short_skipped", "short_padded", "unlabeled",
+        "shards_opened", "shards_skipped", "retries", "samples_read", "samples_skipped", "short_skipped",
+        "short_padded", "unlabeled",
         "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds",
         "peak_rss_mb", "peak_pss_mb", "peak_private_mb", "dup_group_rate", "fallback_rate"}
     assert loader.stats["batches"] == 2 and loader.stats["peak_rss_mb"] > 0

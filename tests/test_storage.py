@@ -3,6 +3,8 @@ retry policy of every shard reader and writer."""
 import io
 import logging
 
+import aiohttp
+import botocore.exceptions
 import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileOpener
@@ -115,6 +117,41 @@ def test_permanent_errors_are_not_retried(error, sleeps, caplog):
     with pytest.raises(type(error)):
         Retry(attempts=5).call(_flaky(1, error), "open x")
     assert not sleeps and not caplog.records
+
+
+CLIENT_ERRORS = {  # what s3fs lets through when the server is down, restarting or cuts a response (its
+    # timeouts, botocore's ConnectTimeoutError and ReadTimeoutError, happen to be OSError already)
+    "endpoint": lambda: botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/x"),
+    "streaming": lambda: botocore.exceptions.ResponseStreamingError(error="connection reset"),
+    "closed": lambda: botocore.exceptions.ConnectionClosedError(endpoint_url="http://127.0.0.1:9/b/x"),
+    "disconnected": lambda: aiohttp.ServerDisconnectedError(),
+    "payload": lambda: aiohttp.ClientPayloadError("response payload is not completed"),
+}
+
+
+@pytest.mark.parametrize("kind", CLIENT_ERRORS)
+def test_the_s3_clients_connection_errors_are_transient(kind, sleeps, caplog):
+    error = CLIENT_ERRORS[kind]()
+    assert not isinstance(error, OSError)  # why they need naming: OSError alone misses them
+    with caplog.at_level(logging.WARNING, logger=storage.__name__):
+        assert Retry(attempts=3, backoff=0.1).call(_flaky(2, error), "read s3://b/x.tar") == 3
+    assert len(sleeps) == 2 and all(str(error) in m for m in caplog.messages) and len(caplog.messages) == 2
+    with pytest.raises(OSError, match="gave up after 2 attempts") as info:
+        Retry(attempts=2, backoff=0.1).call(_flaky(5, error), "read s3://b/x.tar")
+    assert info.value.__cause__ is error
+
+
+def test_a_client_error_that_retrying_cannot_fix_is_raised_at_once(sleeps):
+    error = botocore.exceptions.NoCredentialsError()
+    with pytest.raises(botocore.exceptions.NoCredentialsError):
+        Retry(attempts=5).call(_flaky(1, error), "open s3://b/x.tar")
+    assert not sleeps
+
+
+def test_the_default_waits_outlast_a_one_minute_restart():
+    retry = Retry()
+    shortest = sum(0.5 * retry.backoff * 2 ** i for i in range(retry.attempts - 1))  # jitter at its lowest
+    assert shortest >= 60
 
 
 def test_giving_up_raises_the_last_error_with_what_was_tried(sleeps):

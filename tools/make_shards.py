@@ -19,7 +19,7 @@ from pathlib import Path
 
 from voxstream.shards import corpora
 from voxstream.shards.regroup import regroup
-from voxstream.shards.storage import Retry
+from voxstream.shards.storage import NETWORK, Retry
 from voxstream.shards.verify import verify
 from voxstream.shards.writer import WriteConfig, write_shards
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except corpora.BadInput as e:
         return _fail(str(e))
-    except OSError as e:  # storage unreachable, disk full...: finished shards stay, --resume continues
+    except (OSError, *NETWORK) as e:  # storage unreachable, disk full...: finished shards stay, --resume continues
         return _fail(f"{e}{'' if args.command == 'verify' else '; rerun with --resume to continue'}", code=1)
 
 
