@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from voxstream.model.recipe import RecipeError, apply_overrides, build_section, load_recipe, read_yaml
+from voxstream.model.recipe import (RecipeError, apply_overrides, build_section, load_recipe, read_yaml,
+                                    redact_override)
 from voxstream.shards import storage
 from voxstream.shards.labels import read_labels
 
@@ -222,7 +223,7 @@ def _step(title: str, done: Path, cmd: list[str]) -> None:
     if done.exists():
         print(f"== {title}: skipped, {done} exists", flush=True)
         return
-    print(f"== {title}\n$ {shlex.join(cmd)}", flush=True)
+    print(f"== {title}\n$ {shlex.join(map(redact_override, cmd))}", flush=True)
     proc = subprocess.Popen(cmd)
     try:
         code = proc.wait()

@@ -2,7 +2,8 @@
 
 Layout (format 1), as the trainer writes it:
     format      1
-    recipe      the whole recipe as a plain dict (recipe_to_dict); load_method rebuilds the method from it
+    recipe      the whole recipe as a plain dict (recipe_to_dict), its secrets redacted (storage.redact);
+                load_method rebuilds the method from it, and readers take storage options from their caller
     method      SSLMethod.state_dict(), unwrapped from DDP: encoder, heads, EMA teachers, queues
     optimizer   the optimizer's state_dict()
     step        optimizer steps done; the data stream's position and the LR/WD schedules follow from it
@@ -35,9 +36,12 @@ def save_checkpoint(ckpt: dict, out_dir: str, final: bool = False, keep_last: in
     """Write `ckpt` (with "step") atomically as ckpt-<step>.pt, or last.pt when `final`; return its URL.
 
     Older periodic checkpoints beyond `keep_last` (0 keeps all) go only after the new one is complete.
+    The recipe it carries is written with its secrets (storage options' keys, tokens) redacted.
     """
     url = storage.join(out_dir, LAST if final else f"ckpt-{ckpt['step']:08d}.pt")
     buf = io.BytesIO()
+    if "recipe" in ckpt:
+        ckpt = {**ckpt, "recipe": storage.redact(ckpt["recipe"])}
     torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, buf)
     with storage.open_atomic(url, storage_options) as f:
         f.write(buf.getbuffer())

@@ -7,6 +7,7 @@ stops with one line naming it (`optim.lr: expected float, got 'fast'`) and the v
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -22,6 +23,7 @@ from voxstream.model.methods.base import MethodConfig
 from voxstream.model.ssps import SSPSConfig
 from voxstream.pipeline.augment import AugmentConfig
 from voxstream.pipeline.loader import DataConfig
+from voxstream.shards import storage
 
 
 class RecipeError(ValueError):
@@ -111,6 +113,15 @@ def apply_overrides(tree: dict, overrides: list[str], sections: tuple[str, ...] 
                 raise RecipeError(f"override {item!r}: {part} is not a section")
         node[leaf] = parse_value(text)
     return tree
+
+
+def redact_override(item: str) -> str:
+    """`key=value` as it may be shown or written: a secret in the value (storage options) redacted."""
+    key, sep, text = item.partition("=")
+    leaf = key.rsplit(".", 1)[-1]
+    value = parse_value(text)
+    shown = storage.redact({leaf: value})[leaf]
+    return item if not sep or shown == value else f"{key}={json.dumps(shown)}"
 
 
 def _type_name(tp: Any) -> str:

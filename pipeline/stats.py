@@ -17,6 +17,8 @@ class StreamStats:
     retries: int = 0              # shard opens and reads retried after a transient storage error (each logged)
     samples_read: int = 0         # complete samples read from shards
     samples_skipped: int = 0      # samples with bad metadata or a FLAC that does not hold what it announces
+    samples_incomplete: int = 0   # samples lacking their .flac or .json member (logged with the shard's URL)
+    samples_corrupt: int = 0      # samples whose FLAC bytes fail the crc32 recorded at sharding (logged)
     short_skipped: int = 0        # utterances under data.min_duration
     short_padded: int = 0         # views longer than their utterance, filled by repeating it
     unlabeled: int = 0            # utterances skipped because data.labels has no label for them

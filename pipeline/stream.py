@@ -13,19 +13,23 @@ A shard that cannot be read (missing, truncated, not a tar, wrong size) is retri
 storage errors (connection refused or reset, timeouts, 5xx: storage.transient) by the `retry`
 policy (storage.Retry), each retry logged and counted in `stats.retries`; a shard still unreadable
 is then skipped and counted in `stats.shards_skipped` (logged with its URL); with `strict` it
-raises instead. Samples lacking a .flac or .json member are skipped and counted too.
+raises instead. A sample lacking its .flac or .json member (`stats.samples_incomplete`), whose
+metadata is not a JSON object (`stats.samples_skipped`), or whose FLAC bytes fail the checksum
+recorded at sharding (`stats.samples_corrupt`, see shards.format.flac_intact) is skipped, counted
+and logged, once per visit.
 """
 from __future__ import annotations
 
 import json
 import logging
+from itertools import groupby
 from typing import IO, Iterator
 
 import numpy as np
 
 from voxstream.pipeline.sources import Corpus, Shard, open_shard
 from voxstream.pipeline.stats import StreamStats
-from voxstream.shards.format import Sample
+from voxstream.shards.format import Sample, flac_intact
 from voxstream.shards.storage import Retry
 
 log = logging.getLogger(__name__)
@@ -137,50 +141,72 @@ def group_of(sample: Sample) -> str:
     return str(sample.meta.get("group") or sample.key)
 
 
-def _samples(members: Iterator[tuple[int, str, bytes]], url: str, stats: StreamStats) -> Iterator[tuple[int, Sample]]:
-    """(offset of its first member, sample) for consecutive members sharing a key, when complete."""
-    pos, key, parts = 0, None, {}
-    for offset, name, data in members:
-        k, ext = _split(name)
-        if k != key:
-            if key is not None:
-                yield from _complete(pos, key, parts, url, stats)
-            pos, key, parts = offset, k, {}
-        parts[ext] = data
-    if key is not None:
-        yield from _complete(pos, key, parts, url, stats)
+class _Unsound(ValueError):
+    """Why a sample is skipped; `counter` names the StreamStats field that counts it."""
+
+    def __init__(self, counter: str, reason: str):
+        super().__init__(reason)
+        self.counter = counter
 
 
-def _complete(pos: int, key: str, parts: dict[str, bytes], url: str,
-              stats: StreamStats) -> Iterator[tuple[int, Sample]]:
+def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+    """The sample of one key's members, or _Unsound."""
     if "flac" not in parts or "json" not in parts:
-        return  # a sample cut by the visit's entry point: read whole on the wrap-around
+        raise _Unsound("samples_incomplete", f"members {sorted(parts)}, expected flac and json")
     try:
         meta = json.loads(parts["json"])
     except ValueError:
-        stats.samples_skipped += 1
-        log.warning("%s: %s.json is not JSON; sample skipped", url, key)
-        return
-    yield pos, Sample(key, meta, parts["flac"])
+        meta = None
+    if not isinstance(meta, dict):
+        raise _Unsound("samples_skipped", "its .json is not a JSON object")
+    if not flac_intact(meta, parts["flac"]):
+        raise _Unsound("samples_corrupt", "its .flac fails the crc32 recorded at sharding")
+    return Sample(key, meta, parts["flac"])
+
+
+def _by_key(members: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(offset of its first member, key, {extension: data}) for each run of members sharing a key."""
+    for key, run in groupby(members, key=lambda member: _split(member[1])[0]):
+        run = list(run)
+        yield run[0][0], key, {_split(name)[1]: data for _, name, data in run}
+
+
+def _judged(keyed: Iterator[tuple[int, str, dict[str, bytes]]], url: str,
+            stats: StreamStats) -> Iterator[tuple[int, Sample]]:
+    """The sound samples of _by_key's runs; the others are counted and logged."""
+    for pos, key, parts in keyed:
+        try:
+            yield pos, _sample(key, parts)
+        except _Unsound as e:
+            setattr(stats, e.counter, getattr(stats, e.counter) + 1)
+            log.warning("%s: %s: %s; sample skipped", url, key, e)
 
 
 def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: StreamStats,
           retry: Retry) -> Iterator[Sample]:
     """Every sample of one shard once, from the first group boundary after a random block, wrapping
-    around. Starting at a group boundary keeps groups whole for cross-utterance views."""
+    around. Starting at a group boundary keeps groups whole for cross-utterance views. What lies
+    before that boundary is read again on the wrap-around and judged (counted, if unsound) there only:
+    the sample cut by the entry point is incomplete by design."""
     f = _ShardFile(shard, storage_options, retry, stats)
     try:
         entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
-        ahead = _samples(f.members(entry, f.size), shard.url, stats)
-        _, cut = next(ahead, (0, None))  # its group may have begun before the entry: the wrap-around reads it
-        wrap_at = f.size
-        for pos, sample in ahead:
-            if wrap_at == f.size:
-                if group_of(sample) == group_of(cut):
-                    continue
+        ahead = _by_key(f.members(entry, f.size))
+        cut, wrap_at = None, f.size  # the first sound sample: its group may have begun before the entry
+        for pos, key, parts in ahead:
+            try:
+                sample = _sample(key, parts)
+            except _Unsound:
+                continue
+            if cut is None:
+                cut = sample
+            elif group_of(sample) != group_of(cut):
                 wrap_at = pos
+                yield sample
+                break
+        for _, sample in _judged(ahead, shard.url, stats):
             yield sample
-        for _, sample in _samples(f.members(0, wrap_at), shard.url, stats):
+        for _, sample in _judged(_by_key(f.members(0, wrap_at)), shard.url, stats):
             yield sample
     finally:
         f.close()

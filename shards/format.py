@@ -6,6 +6,8 @@ for the name field goes to the ustar prefix field, never to a pax header). `mani
 shards describes the complete set and is written last: its presence means the set is complete.
 Each sample's metadata holds its `position` in its shard (0-based, written by build_shard): with the
 manifest's per-shard counts it gives every utterance a stable global index (pipeline/sources.py).
+It also holds `crc32`, the zlib CRC-32 of its FLAC bytes (build_shard), which the loader checks
+(flac_intact); sets written before either field stay readable.
 
 Shards are written with webdataset's TarWriter, imported inside build_shard because webdataset imports
 torch and the torch-free loader workers import this module. Reading stays torch-free: `iter_tar`
@@ -19,6 +21,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, NamedTuple
 
@@ -32,7 +35,7 @@ SAMPLE_RATE = 16000
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 META_FIELDS = ("utt", "corpus", "speaker", "session", "group", "duration", "num_samples", "sample_rate", "source",
-               "position")
+               "position", "crc32")
 
 
 class Sample(NamedTuple):
@@ -93,8 +96,9 @@ class ShardStats:
 
 
 def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
-    """Tar bytes and stats for samples, in order, each one's metadata written with its `position`
-    (the callers' dicts are left as they are). Groups must already be contiguous."""
+    """Tar bytes and stats for samples, in order, each one's metadata written with its `position` and
+    the `crc32` of its FLAC bytes (the callers' dicts are left as they are). Groups must already be
+    contiguous."""
     from webdataset import TarWriter
 
     buf = io.BytesIO()
@@ -107,7 +111,8 @@ def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
         tar.tarstream.format = tarfile.USTAR_FORMAT
         for position, (key, meta, flac) in enumerate(samples):
             tar.write({"__key__": key, "flac": flac,
-                       "json": json.dumps({**meta, "position": position}, sort_keys=True).encode()})
+                       "json": json.dumps({**meta, "position": position, "crc32": zlib.crc32(flac)},
+                                                   sort_keys=True).encode()})
             stats.samples += 1
             stats.groups += meta.get("group") != last_group
             last_group = meta.get("group")
@@ -117,6 +122,18 @@ def build_shard(samples: list[Sample], name: str) -> tuple[bytes, ShardStats]:
     stats.sha256 = hashlib.sha256(data).hexdigest()
     stats.seconds = round(stats.seconds, 3)
     return data, stats
+
+
+def flac_intact(meta: dict, flac: bytes) -> bool:
+    """Whether the FLAC bytes are those written at sharding: their CRC-32 against the metadata's
+    `crc32` (build_shard); samples written before it (no `crc32`) pass unchecked.
+
+    dr_flac checks each frame's CRC-16 but drops a frame that fails it as if it never existed, so
+    the crop is silently shifted, and the FLAC's header blocks carry no CRC at all: a byte flipped on
+    disk or in transit changes the audio without an error. zlib's CRC-32 runs at 1.3-1.6 GB/s, about
+    0.1 ms for an 8-s utterance, a tenth of decoding its two 2-s crops (0.98-1.17 ms, same machine)."""
+    crc = meta.get("crc32")
+    return crc is None or crc == zlib.crc32(flac)
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -3,6 +3,8 @@ the one retry policy for reading and writing them.
 
 S3 endpoints and credentials come from the standard AWS_* variables (AWS_ENDPOINT_URL_S3 included)
 or from explicit storage options; filesystem objects are made per call site, never shared across forks.
+Whatever persists options (a checkpoint's recipe, a printed command line) passes them through
+`redact` first, so a secret given in storage options is never written.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +35,27 @@ def _s3_defaults(options: dict) -> dict:
     if "retries" not in config:
         options = {**options, "config_kwargs": {**config, "retries": {"total_max_attempts": 1}}}
     return options
+
+
+REDACTED = "<redacted>"
+# Key names whose values are credentials: s3fs key/secret/token, botocore aws_secret_access_key and
+# aws_session_token, gcsfs token, adlfs account_key/sas_token/connection_string, passwords.
+_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "authorization"}
+
+
+def _is_secret(name) -> bool:
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name)).lower().replace("-", "_").split("_")
+    return bool(_SECRET_WORDS.intersection(words)) or "connection_string" in "_".join(words)
+
+
+def redact(tree):
+    """A copy of nested dicts and lists with the value of every secret-looking key, at any depth,
+    replaced by REDACTED (empty values are kept: they hold nothing)."""
+    if isinstance(tree, dict):
+        return {k: REDACTED if _is_secret(k) and v not in (None, "") else redact(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact(v) for v in tree]
+    return tree
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -2,7 +2,7 @@
 
 Per shard: size and sha256, one .flac and one .json per key, the key derived from the metadata,
 16 kHz mono 16-bit FLAC that decodes to num_samples frames of the stated duration, each sample's
-position, contiguous groups, and the counts the manifest states. Across shards: unique keys, groups split only between
+position and FLAC crc32, contiguous groups, and the counts the manifest states. Across shards: unique keys, groups split only between
 neighbouring shards, no stray shard of the same prefix outside the manifest.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import soundfile as sf
 
 from voxstream.shards import storage
-from voxstream.shards.format import META_FIELDS, SAMPLE_RATE, iter_tar, read_manifest, sample_key
+from voxstream.shards.format import META_FIELDS, SAMPLE_RATE, flac_intact, iter_tar, read_manifest, sample_key
 
 
 @dataclass
@@ -79,9 +79,13 @@ def _check_sample(key: str, members: dict[str, bytes], corpus: str, report: Shar
         meta = json.loads(members["json"])
     except ValueError as e:
         return bad(f"metadata is not JSON: {e}")
-    # Sets written before samples recorded their position stay valid (only SSPS needs the position).
-    if missing := [f for f in META_FIELDS if f not in meta and f != "position"]:
+    if not isinstance(meta, dict):
+        return bad(f"metadata is not a JSON object: {meta!r:.40}")
+    # Sets written before samples recorded their position and crc32 stay valid.
+    if missing := [f for f in META_FIELDS if f not in meta and f not in ("position", "crc32")]:
         return bad(f"metadata lacks {missing}")
+    if not flac_intact(meta, members["flac"]):
+        return bad("FLAC bytes fail their crc32")
     if "position" in meta and meta["position"] != len(report.keys) - 1:
         bad(f"position {meta['position']}, but sample {len(report.keys) - 1} of its shard")
     if not report.groups or report.groups[-1] != meta["group"]:

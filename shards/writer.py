@@ -125,8 +125,8 @@ def _encoded(work: Iterator[tuple[int, Recording]], spec: EncodeSpec, workers: i
 
 def tar_cost(meta: dict, flac_bytes: int) -> int:
     """Bytes a sample adds to a tar: a 512-byte header and padded payload per member. The position
-    build_shard writes is counted at a width no shard reaches, as it is not known yet."""
-    meta_len = len(json.dumps({**meta, "position": 10**9}, sort_keys=True).encode())
+    and crc32 build_shard writes are counted at their widest, as they are not known yet."""
+    meta_len = len(json.dumps({**meta, "position": 10**9, "crc32": 2**32 - 1}, sort_keys=True).encode())
     return sum(512 + -(-n // 512) * 512 for n in (flac_bytes, meta_len))
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from test_train import descendants, tiny_recipe, write_speech_set
-from voxstream.model.chain import load_chain, plan
+from voxstream.model.chain import _step, load_chain, plan
 from voxstream.model.recipe import RecipeError
 from voxstream.shards.format import iter_samples, shard_urls
 
@@ -116,3 +116,12 @@ def test_a_stopped_chain_resumes_at_the_stage_where_it_stopped(chain, tmp_path):
     assert all(0 <= row["eer"]["trials"] <= 1 for row in summary["stages"])
     assert (run / "eval" / "metrics.json").exists()  # the last model's evaluation
     assert "total training steps: 16" in out.stdout
+
+
+def test_a_stage_command_is_printed_with_its_secrets_redacted(tmp_path, capfd):
+    options = 'data.storage_options={key: AKIA-CHAIN, secret: s3cr3t-chain, client_kwargs: {aws_session_token: t0k3n}}'
+    _step("stage", tmp_path / "done", [sys.executable, "-c", "pass", "optim.lr=0.1", options,
+                                       "train.storage_options.password=pa55"])
+    out = capfd.readouterr().out
+    assert "optim.lr=0.1" in out and "data.storage_options=" in out and "<redacted>" in out
+    assert not any(secret in out for secret in ("AKIA-CHAIN", "s3cr3t-chain", "t0k3n", "pa55"))

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -19,10 +20,13 @@ import torch
 
 from voxstream.pipeline.loader import Batch, group_ids, make_loader, views_to_device
 from voxstream.pipeline.stats import StreamStats
-from voxstream.pipeline.stream import CorruptShard
+from voxstream.pipeline.sources import Shard
+from voxstream.pipeline.stream import CorruptShard, visit
 from ramps import SR, config, make_set, ramp
 from voxstream.shards import storage
 from voxstream.shards.format import decode_audio, encode_flac, shard_name
+from voxstream.shards.storage import Retry
+from voxstream.shards.verify import verify
 
 
 def crop_slope(crop: np.ndarray) -> int:
@@ -183,8 +187,8 @@ def test_a_misspelt_counter_raises_and_the_trainer_logs_the_same_names(tmp_path)
     loader = make_loader(config(url, workers=1, steps_per_epoch=2), 0, 0, 1)
     list(loader)
     assert set(loader.stats) == {
-        "shards_opened", "shards_skipped", "retries", "samples_read", "samples_skipped", "short_skipped",
-        "short_padded", "unlabeled",
+        "shards_opened", "shards_skipped", "retries", "samples_read", "samples_skipped", "samples_incomplete",
+        "samples_corrupt", "short_skipped", "short_padded", "unlabeled",
         "cross_items", "fallbacks", "batches", "dup_group_batches", "cpu_seconds",
         "peak_rss_mb", "peak_pss_mb", "peak_private_mb", "dup_group_rate", "fallback_rate"}
     assert loader.stats["batches"] == 2 and loader.stats["peak_rss_mb"] > 0
@@ -231,6 +235,60 @@ def test_broken_shard_in_the_middle_is_skipped_and_counted(tmp_path, damage):
     assert loader.stats["shards_skipped"] >= 1
     with pytest.raises(CorruptShard, match="syn-000001.tar"):
         list(make_loader(config(pattern, chunk_steps=1, steps_per_epoch=12, strict=True), 0, 0, 1))
+
+
+def tamper(path, change) -> None:
+    """Rewrite a tar shard member by member: change(name, data) gives the new bytes, or None to drop it."""
+    with tarfile.open(path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as out:
+        for info, data in members:
+            if (data := change(info.name, data)) is not None:
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+
+
+def flip(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+def test_untrusted_samples_are_skipped_and_counted_once_from_every_entry_point(tmp_path):
+    url = str(tmp_path)
+    keys = list(make_set(url, [14], group_size=2))
+    faults = {f"{keys[1]}.json": lambda d: b"[1, 2]", f"{keys[2]}.json": lambda d: b'"x"',
+              f"{keys[4]}.json": lambda d: b"3", f"{keys[6]}.flac": lambda d: None,
+              f"{keys[9]}.json": lambda d: None, f"{keys[11]}.flac": flip}
+    path = tmp_path / shard_name("syn", 0)
+    tamper(path, lambda name, data: faults.get(name, lambda d: d)(data))
+    sound = sorted(set(keys) - {keys[i] for i in (1, 2, 4, 6, 9, 11)})
+    for seed in range(60):  # entry points all over the shard, the cut samples among them
+        stats = StreamStats()
+        got = [s.key for s in visit(Shard(str(path)), np.random.default_rng(seed), None, stats, Retry())]
+        assert sorted(got) == sound, seed
+        assert (stats.samples_skipped, stats.samples_incomplete, stats.samples_corrupt) == (3, 2, 1), seed
+    # the loader and training go on, and say what they skipped
+    loader = make_loader(config(str(path), chunk_steps=4, steps_per_epoch=12), 0, 0, 1)
+    assert sum(1 for _ in loader) == 12
+    assert min(loader.stats[k] for k in ("samples_skipped", "samples_incomplete", "samples_corrupt")) > 0
+    assert any("fail their crc32" in p for p in verify(url).problems)
+
+
+def test_shards_written_before_the_crc32_are_read_whole(tmp_path):
+    url = str(tmp_path)
+    keys = make_set(url, [8])
+    path = tmp_path / shard_name("syn", 0)
+
+    def strip(name: str, data: bytes) -> bytes:
+        if not name.endswith(".json"):
+            return data
+        meta = json.loads(data)
+        assert isinstance(meta.pop("crc32"), int)
+        return json.dumps(meta).encode()
+    tamper(path, strip)
+    stats = StreamStats()
+    got = [s.key for s in visit(Shard(str(path)), np.random.default_rng(0), None, stats, Retry())]
+    assert sorted(got) == sorted(keys) and stats == StreamStats()
 
 
 def test_shard_shorter_than_its_manifest_says_is_skipped(tmp_path):

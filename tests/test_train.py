@@ -356,3 +356,33 @@ def test_train_init_starts_the_encoder_from_another_runs_evaluation_network(loca
     with pytest.raises(RecipeError, match="^train.init: .*last.pt holds another network than model"):
         initial_encoder(load_recipe(str(recipe), [*init, "model.channels=24"]))
     assert train(load_recipe(str(recipe), [*init, "train.epochs=1"])) == STEPS_PER_EPOCH
+
+
+def test_a_secret_in_storage_options_is_never_written_and_the_run_resumes_without_it(s3_server, s3_url, tmp_path):
+    from voxstream.shards.locals3 import ACCESS_KEY, SECRET_KEY
+    write_speech_set(f"{s3_url}/speech", speakers=4)
+    recipe = tiny_recipe(tmp_path, f"{s3_url}/speech")
+    # The secret reaches the server only through the recipe's storage options: the environment has no keys.
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    options = json.dumps({"key": ACCESS_KEY, "secret": SECRET_KEY})
+    overrides = [f"data.storage_options={options}", f"train.storage_options={options}",
+                 f"train.out_dir={s3_url}/run", "train.epochs=1", "data.workers=0"]
+    (tmp_path / "tmp").mkdir()  # the runs' temporary files land there, among the files checked
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    logs = ""
+    for epochs in (1, 2):  # the second run resumes from the first one's last.pt
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(recipe),
+                               *overrides, f"train.epochs={epochs}"], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs += proc.stdout + proc.stderr
+    fs, _ = storage.filesystem(s3_url)
+    objects = {path: fs.cat_file(path) for path in fs.find(s3_url)}
+    ckpt = read_checkpoint(f"{s3_url}/run/last.pt")
+    assert ckpt["step"] == 2 * STEPS_PER_EPOCH, "the second run resumed with its own options"
+    assert ckpt["recipe"]["data"]["storage_options"] == {"key": storage.REDACTED, "secret": storage.REDACTED}
+    method, _ = load_method(f"{s3_url}/run/last.pt")  # a checkpoint without its secrets still loads
+    local = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(path.endswith("metrics.jsonl") for path in objects) and local
+    written = {**objects, **{str(p): p.read_bytes() for p in local}, "stdout and stderr": logs.encode()}
+    assert [where for where, data in written.items() if SECRET_KEY.encode() in data] == []
