@@ -201,9 +201,6 @@ def draw_positives(ssps: SSPS, step: int, encoder: nn.Module, batch: Batch, refe
 def check_outputs(recipe: Recipe) -> None:
     """Fail before any training if the run could not write its results."""
     cfg = recipe.train
-    for key in ("log_every", "ckpt_every"):
-        if getattr(cfg, key) < 1:
-            raise RecipeError(f"train.{key}: must be at least 1, got {getattr(cfg, key)}")
     if cfg.tensorboard and not storage.is_local(cfg.out_dir):
         raise RecipeError(f"train.tensorboard: needs a local train.out_dir, got {cfg.out_dir}")
     if cfg.tensorboard:
