@@ -6,6 +6,7 @@ hist-<list>.png, and cache/ (embeddings reused by later runs with the same weigh
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, FolderAudio
 from voxstream.shards import storage
 
 P_TARGETS = (0.01, 0.05)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Trials:
 
 
 def read_trials(path: str, name: str = "") -> Trials:
-    """Parse a trial list; a malformed line stops with its file and line number."""
+    """Parse a trial list; a malformed line stops with its file and line number. Self-trials (enroll ==
+    test) and repeated pairs are scored as given, with a warning that counts them: they bias the EER."""
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -60,6 +63,11 @@ def read_trials(path: str, name: str = "") -> Trials:
     labels = np.array([int(r[0]) for r in rows], dtype=np.int8)
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError(f"{path}: needs both target (1) and non-target (0) trials")
+    pairs = [(r[1], r[2]) for r in rows]
+    self_trials, repeated = sum(e == t for e, t in pairs), len(pairs) - len(set(pairs))
+    if self_trials or repeated:
+        log.warning("%s: %d self-trial(s) (enroll == test) and %d repeated trial line(s) among %d, scored as given",
+                    path, self_trials, repeated, len(pairs))
     return Trials(name or Path(path).stem, path, labels, [r[1] for r in rows], [r[2] for r in rows])
 
 

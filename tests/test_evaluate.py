@@ -345,6 +345,19 @@ def test_a_file_that_is_not_a_checkpoint_or_holds_another_network_is_one_line(co
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"evaluate: error: {message}"), err
 
 
+def test_self_trials_and_repeated_lines_are_counted_in_a_warning(tmp_path, caplog):
+    path = tmp_path / "trials.txt"
+    path.write_text("1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n")
+    read_trials(str(path))
+    assert not caplog.records
+    path.write_text("1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n1 a/x/1.wav a/x/1.wav\n"
+                    "1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n1 b/z/3.wav b/z/3.wav\n")
+    t = read_trials(str(path))
+    assert len(t.labels) == 6  # scored as given
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 2 self-trial(s) (enroll == test) and 2 repeated trial line(s) among 6, scored as given"]
+
+
 def test_untrained_encoder_from_a_recipe_is_reproducible(tmp_path):
     from voxstream.model.evaluate import load_embedder
 
