@@ -51,15 +51,17 @@ def read_trials(path: str, name: str = "") -> Trials:
     """Parse a trial list; a malformed line stops with its file and line number. Self-trials (enroll ==
     test) and repeated pairs are scored as given, with a warning that counts them: they bias the EER."""
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise ValueError(f"{path}:{number}: expected 'label enroll test' with label 0 or 1, "
-                                 f"got {line.strip()!r}")
-            rows.append(parts)
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text trial list ({e})") from None
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as an editor shows them
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[0] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected 'label enroll test' with label 0 or 1, got {line.strip()!r}")
+        rows.append(parts)
     labels = np.array([int(r[0]) for r in rows], dtype=np.int8)
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError(f"{path}: needs both target (1) and non-target (0) trials")

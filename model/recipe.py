@@ -262,13 +262,17 @@ def recipe_from_dict(tree: dict) -> Recipe:
 
 
 def read_yaml(path: str) -> dict:
-    """A recipe file as a nested dict (empty file: {}); a missing or malformed file is one RecipeError line."""
+    """A recipe file as a nested dict (empty file: {}); a missing or malformed file, or one that is not a
+    mapping of sections, is one RecipeError line."""
     try:
-        return yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+        tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {tree!r:.40}")
+    return tree
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
