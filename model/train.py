@@ -152,7 +152,7 @@ def find_resume(recipe: Recipe, resume: bool | str) -> tuple[str | None, dict | 
 
 
 def read_intact(url: str, storage_options: dict) -> dict:
-    """read_checkpoint, and weights or buffers with NaN/inf (written before the trainer refused them) an error."""
+    """read_checkpoint; NaN/inf weights or buffers (written before the trainer refused them) are a CheckpointError."""
     ckpt = read_checkpoint(url, storage_options)
     bad = first_nonfinite(ckpt.get("method", {}))
     if bad:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,8 +261,8 @@ def test_weights_that_overflow_while_the_loss_is_finite_are_never_checkpointed(l
     with pytest.raises(TrainingError) as e:
         train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0", "optim.lr=1e9", "optim.warmup_epochs=0",
                                         "optim.grad_clip=0", "train.ckpt_every=1"]))
-    assert str(e.value) == (f"step 2: encoder.net.blocks.0.body.0.2.running_var is not finite; stopped without a "
-                            f"checkpoint; last good checkpoint: {run / 'ckpt-00000001.pt'}")
+    assert re.fullmatch(rf"step 2: encoder\.\S+\.running_var is not finite; stopped without a checkpoint; "
+                        rf"last good checkpoint: {run / 'ckpt-00000001.pt'}", str(e.value)), str(e.value)
     assert sorted(p.name for p in run.glob("*.pt")) == ["ckpt-00000001.pt"]
     assert all(torch.isfinite(t).all() for t in read_checkpoint(str(run / "ckpt-00000001.pt"))["method"].values()
                if t.is_floating_point())
@@ -287,7 +288,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(local_sets
         train(load_recipe(str(recipe), ["train.epochs=3", "model.channels=24", *opts]))
     for path in run.glob("*.pt"):
         path.write_bytes(b"")
-    with pytest.raises(TrainingError, match=rf"^train.out_dir: no intact checkpoint in {run}, the oldest: .*-00000008.pt: not a readable"):
+    oldest = run / "ckpt-00000008.pt"
+    with pytest.raises(TrainingError, match=rf"^train.out_dir: no intact checkpoint in {run}, the oldest: {oldest}: "):
         train(load_recipe(str(recipe), ["train.epochs=3", *opts]))
 
 
