@@ -13,7 +13,8 @@ Layout (format 1), as the trainer writes it:
 
 Files in a run's out_dir: `ckpt-<step:08d>.pt` every train.ckpt_every steps (the last K kept) and
 `last.pt` when training completes. `last.pt`, when present, is always the newest: a run resumed
-to train further removes it with its first new checkpoint.
+to train further removes it with its first new checkpoint. The trainer writes no checkpoint whose
+weights or buffers hold NaN or inf (`first_nonfinite`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import io
 import re
 
 import torch
+from torch import nn
 
 from voxstream.model.methods import SSLMethod, build_method
 from voxstream.model.recipe import Recipe, RecipeError, recipe_from_dict
@@ -65,23 +67,55 @@ def _names(out_dir: str, storage_options: dict | None) -> list[str]:
         return []
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable voxstream checkpoint (truncated, another format); one line naming it."""
+
+
+def checkpoints(out_dir: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the checkpoints in out_dir, newest first (last.pt first when training completed)."""
+    names = _names(out_dir, storage_options)
+    periodic = sorted((n for n in names if _PERIODIC.match(n)), reverse=True)
+    return [storage.join(out_dir, n) for n in ([LAST] if LAST in names else []) + periodic]
+
+
 def latest_checkpoint(out_dir: str, storage_options: dict | None = None) -> str | None:
     """URL of the newest checkpoint in out_dir (last.pt if training completed), or None."""
-    names = _names(out_dir, storage_options)
-    periodic = sorted(n for n in names if _PERIODIC.match(n))
-    newest = LAST if LAST in names else (periodic[-1] if periodic else None)
-    return storage.join(out_dir, newest) if newest else None
+    return next(iter(checkpoints(out_dir, storage_options)), None)
 
 
 def read_checkpoint(url: str, storage_options: dict | None = None) -> dict:
+    """The checkpoint dict at `url`; a file that is not one (truncated, another format) is a CheckpointError."""
     try:
         data = storage.read_bytes(url, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: checkpoint not found") from None
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # a cut zip, a pickle of something else, text: torch raises any of a dozen types
+        reason = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{url}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{url}: not a voxstream checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{url}: not a voxstream checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding NaN or inf, else None.
+    One read of the device for the whole dict; the name is searched only when there is one."""
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats or bool(torch.stack([v.isfinite().all() for v in floats.values()]).all()):
+        return None
+    return next(k for k, v in floats.items() if not bool(v.isfinite().all()))
+
+
+def load_weights(module: nn.Module, state: dict, source: str) -> None:
+    """`module.load_state_dict(state)`; weights of another network are one RecipeError line naming
+    `source` and the first difference (torch's message lists every tensor)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise RecipeError(f"{source} holds another network than model: {lines[1 if len(lines) > 1 else 0]}") from None
 
 
 def load_method(url: str, storage_options: dict | None = None, trained: bool = True) -> tuple[SSLMethod, Recipe]:
@@ -94,5 +128,5 @@ def load_method(url: str, storage_options: dict | None = None, trained: bool = T
         raise RecipeError(f"{url}: the checkpoint's recipe does not validate: {e}") from None
     method = build_method(recipe.model, recipe.method)
     if trained:
-        method.load_state_dict(ckpt["method"])
+        load_weights(method, ckpt["method"], url)
     return method.eval(), recipe

@@ -6,6 +6,7 @@ hist-<list>.png, and cache/ (embeddings reused by later runs with the same weigh
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, FolderAudio
 from voxstream.shards import storage
 
 P_TARGETS = (0.01, 0.05)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,20 +48,28 @@ class Trials:
 
 
 def read_trials(path: str, name: str = "") -> Trials:
-    """Parse a trial list; a malformed line stops with its file and line number."""
+    """Parse a trial list; a malformed line stops with its file and line number. Self-trials (enroll ==
+    test) and repeated pairs are scored as given, with a warning that counts them: they bias the EER."""
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise ValueError(f"{path}:{number}: expected 'label enroll test' with label 0 or 1, "
-                                 f"got {line.strip()!r}")
-            rows.append(parts)
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text trial list ({e})") from None
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as an editor shows them
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[0] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected 'label enroll test' with label 0 or 1, got {line.strip()!r}")
+        rows.append(parts)
     labels = np.array([int(r[0]) for r in rows], dtype=np.int8)
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError(f"{path}: needs both target (1) and non-target (0) trials")
+    pairs = [(r[1], r[2]) for r in rows]
+    self_trials, repeated = sum(e == t for e, t in pairs), len(pairs) - len(set(pairs))
+    if self_trials or repeated:
+        log.warning("%s: %d self-trial(s) (enroll == test) and %d repeated trial line(s) among %d, scored as given",
+                    path, self_trials, repeated, len(pairs))
     return Trials(name or Path(path).stem, path, labels, [r[1] for r in rows], [r[2] for r in rows])
 
 

@@ -2,12 +2,14 @@
 overrides from the command line, turned into plain dataclasses with every key and type checked.
 
 A mistyped key must not silently train the default for hours, so an unknown key or a wrong type
-stops with one line naming it (`optim.lr: expected float, got 'fast'`) and the valid keys.
+stops with one line naming it (`optim.lr: expected float, got 'fast'`) and the valid keys, and so
+does a number out of range (`train.epochs: must be at least 1, got -1`, table RANGES).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -17,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from voxstream.model.encoders import EncoderConfig
+from voxstream.model.encoders import NETWORKS, EncoderConfig
 from voxstream.model.methods import METHODS
 from voxstream.model.methods.base import MethodConfig
 from voxstream.model.ssps import SSPSConfig
@@ -78,6 +80,47 @@ class Recipe:
 
 SECTIONS = ("data", "augment", "model", "method", "optim", "train", "ssps")
 OPTIMIZERS = ("sgd", "adamw")
+
+# The range of every number a recipe sets, as (wording, test); non-finite numbers fail every test.
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+POSITIVE = ("> 0", lambda v: v > 0)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+FRACTION = ("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_1 = ("in [0, 1)", lambda v: 0 <= v < 1)
+ANY = ("finite", lambda v: True)
+ECAPA_CHANNELS = ("a positive multiple of 8 (Res2Net scale)", lambda v: v >= 8 and v % 8 == 0)
+# Keyed `section.key`, or `name.key` for a key of one model, method or optimizer; a list is checked item by item.
+RANGES = {
+    **{f"augment.{k}": NON_NEGATIVE for k in ("p_none", "p_reverb", "p_noise", "p_both", "p_categories",
+                                              "noise_budget_mb", "rir_budget_mb", "refresh_interval",
+                                              "channel_eq_db", "channel_tilt_db", "retry_backoff")},
+    **{f"augment.{k}": ANY for k in ("snr_noise", "snr_music", "snr_babble")},
+    **{f"augment.{k}": POSITIVE for k in ("segment_seconds", "rir_seconds", "channel_low_cut", "channel_high_cut")},
+    "augment.babble_speakers": AT_LEAST_1, "augment.retry_attempts": AT_LEAST_1,
+    "augment.refresh_fraction": FRACTION, "augment.p_channel": FRACTION,
+    "data.weights": NON_NEGATIVE, "data.views": POSITIVE, "data.min_duration": POSITIVE, "data.workers": NON_NEGATIVE,
+    "model.channels": AT_LEAST_1, "model.embed_dim": AT_LEAST_1, "model.n_mels": AT_LEAST_1,
+    "ecapa.channels": ECAPA_CHANNELS,
+    **{f"optim.{k}": NON_NEGATIVE for k in ("lr", "final_lr", "warmup_epochs", "weight_decay", "final_weight_decay",
+                                            "grad_clip")},
+    "optim.momentum": BELOW_1, "optim.betas": BELOW_1,
+    **{f"train.{k}": AT_LEAST_1 for k in ("epochs", "log_every", "ckpt_every")},
+    "train.keep_last": NON_NEGATIVE, "train.val_every": NON_NEGATIVE,
+    **{f"method.{k}": AT_LEAST_1 for k in ("projector_hidden_dim", "projector_output_dim", "hidden_dim",
+                                           "bottleneck_dim", "out_dim", "global_views", "prototypes",
+                                           "sinkhorn_iterations", "assign_views")},
+    **{f"method.{k}": POSITIVE for k in ("temperature", "student_temp", "teacher_temp", "warmup_teacher_temp",
+                                         "sinkhorn_epsilon", "scale")},
+    **{f"method.{k}": FRACTION for k in ("momentum", "center_momentum", "teacher_momentum", "margin_start",
+                                         "margin_end", "warmup_teacher_temp_fraction", "freeze_last_layer_fraction",
+                                         "queue_start_fraction", "freeze_prototypes_fraction")},
+    **{f"method.{k}": NON_NEGATIVE for k in ("off_diagonal_weight", "inv_weight", "var_weight", "cov_weight",
+                                             "margin", "classes")},  # AAM: classes from its labels file
+    "moco.queue_size": AT_LEAST_1, "swav.queue_size": NON_NEGATIVE,  # SwAV: 0 turns its queue off
+}
+# Lists read as one (low, high) range.
+PAIRS = ("augment.snr_noise", "augment.snr_music", "augment.snr_babble", "augment.babble_speakers",
+         "augment.channel_low_cut", "augment.channel_high_cut")
 
 
 class _Loader(yaml.SafeLoader):
@@ -188,6 +231,22 @@ def build_section(cls: type, values: dict | None, prefix: str) -> Any:
         raise RecipeError(" ".join(str(e).split())) from None
 
 
+def check_ranges(recipe: Recipe) -> None:
+    """Every number of the recipe inside its RANGES entry, and every PAIRS list a (low, high) range."""
+    for section in SECTIONS:
+        cfg = getattr(recipe, section)
+        for f in dataclasses.fields(cfg):
+            key, value = f"{section}.{f.name}", getattr(cfg, f.name)
+            wording, test = RANGES.get(f"{getattr(cfg, 'name', '')}.{f.name}") or RANGES.get(key) or ANY
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and test(v)):
+                    raise RecipeError(f"{key}: must be {wording}, got {v}")
+            if key in PAIRS and not (len(value) == 2 and value[0] <= value[1]):
+                raise RecipeError(f"{key}: expected [low, high], got {value}")
+    if len(recipe.optim.betas) != 2:
+        raise RecipeError(f"optim.betas: expected [beta1, beta2], got {recipe.optim.betas}")
+
+
 def method_config(values: dict | None) -> MethodConfig:
     """The `method:` section as the Config of the method it names, every key and type checked."""
     name = (values or {}).get("name", "")
@@ -209,17 +268,24 @@ def recipe_from_dict(tree: dict) -> Recipe:
                     **{s: build_section(cls, tree.get(s), s) for s, cls in classes.items()})
     if recipe.optim.name not in OPTIMIZERS:
         raise RecipeError(f"optim.name: expected one of {', '.join(OPTIMIZERS)}, got {recipe.optim.name!r}")
+    if recipe.model.name not in NETWORKS:
+        raise RecipeError(f"model.name: expected one of {', '.join(NETWORKS)}, got {recipe.model.name!r}")
+    check_ranges(recipe)
     return recipe
 
 
 def read_yaml(path: str) -> dict:
-    """A recipe file as a nested dict (empty file: {}); a missing or malformed file is one RecipeError line."""
+    """A recipe file as a nested dict (empty file: {}); a missing or malformed file, or one that is not a
+    mapping of sections, is one RecipeError line."""
     try:
-        return yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+        tree = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe not found") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {tree!r:.40}")
+    return tree
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:

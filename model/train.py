@@ -31,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from voxstream.model import distributed
-from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
+from voxstream.model.checkpoint import (CheckpointError, checkpoints, first_nonfinite, load_method, load_weights,
+                                        read_checkpoint, save_checkpoint)
 from voxstream.model.encoders import build_encoder
 from voxstream.model.logs import Meter, MetricsLog
 from voxstream.model.methods import METHODS, build_method
@@ -90,6 +91,10 @@ class LoopState:
     weight_decay: float = 0.0
     last_good: str | None = None   # newest checkpoint written or resumed from, named when training diverges
 
+    def diverged(self, what: str) -> TrainingError:
+        return TrainingError(f"{what} is not finite; stopped without a checkpoint; "
+                             f"last good checkpoint: {self.last_good or 'none'}")
+
 
 def build_optimizer(method: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Weight decay on weight matrices only, not on biases and norm scales (DINO, MoCo v3)."""
@@ -124,14 +129,35 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def find_resume(recipe: Recipe, resume: bool | str) -> str | None:
-    """The checkpoint to start from: the one named, else the newest in out_dir (automatic)."""
+def find_resume(recipe: Recipe, resume: bool | str) -> tuple[str | None, dict | None]:
+    """(URL, contents) of the checkpoint to start from, or (None, None): the one named (unreadable: an error),
+    else the newest intact one in out_dir. A newer one that is cut short (a preempted write) or holds
+    NaN/inf weights is skipped with a line saying why; out_dir with checkpoints but none intact is an error."""
+    cfg = recipe.train
     if isinstance(resume, str):
-        return resume
-    url = latest_checkpoint(recipe.train.out_dir, recipe.train.storage_options)
-    if resume and url is None:
-        raise TrainingError(f"--resume: no checkpoint in {recipe.train.out_dir}")
-    return url
+        return resume, read_intact(resume, cfg.storage_options)
+    skipped = None
+    for url in checkpoints(cfg.out_dir, cfg.storage_options):
+        try:
+            return url, read_intact(url, cfg.storage_options)
+        except CheckpointError as e:
+            skipped = e
+            if distributed.rank() == 0:
+                print(f"skipping {e}; trying the previous checkpoint", file=sys.stderr)
+    if skipped:
+        raise TrainingError(f"train.out_dir: no intact checkpoint in {cfg.out_dir}, the oldest: {skipped}")
+    if resume:
+        raise TrainingError(f"--resume: no checkpoint in {cfg.out_dir}")
+    return None, None
+
+
+def read_intact(url: str, storage_options: dict) -> dict:
+    """read_checkpoint; NaN/inf weights or buffers (written before the trainer refused them) are a CheckpointError."""
+    ckpt = read_checkpoint(url, storage_options)
+    bad = first_nonfinite(ckpt.get("method", {}))
+    if bad:
+        raise CheckpointError(f"{url}: {bad} is not finite")
+    return ckpt
 
 
 @contextlib.contextmanager
@@ -162,11 +188,7 @@ def initial_encoder(recipe: Recipe) -> nn.Module:
     so a pseudo-label round fine-tunes the model that made its labels."""
     source, _ = load_method(recipe.train.init, recipe.train.storage_options)
     encoder = build_encoder(recipe.model)
-    try:
-        encoder.load_state_dict(source.embedder().state_dict())
-    except RuntimeError as e:
-        raise RecipeError(f"train.init: {recipe.train.init} holds another network than model: "
-                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    load_weights(encoder, source.embedder().state_dict(), f"train.init: {recipe.train.init}")
     return encoder
 
 
@@ -201,9 +223,6 @@ def draw_positives(ssps: SSPS, step: int, encoder: nn.Module, batch: Batch, refe
 def check_outputs(recipe: Recipe) -> None:
     """Fail before any training if the run could not write its results."""
     cfg = recipe.train
-    for key in ("log_every", "ckpt_every"):
-        if getattr(cfg, key) < 1:
-            raise RecipeError(f"train.{key}: must be at least 1, got {getattr(cfg, key)}")
     if cfg.tensorboard and not storage.is_local(cfg.out_dir):
         raise RecipeError(f"train.tensorboard: needs a local train.out_dir, got {cfg.out_dir}")
     if cfg.tensorboard:
@@ -281,10 +300,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Au
 
 
 def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter,
-                     ssps: SSPS | None, step: int, final: bool, log: MetricsLog | None, control) -> str:
+                     ssps: SSPS | None, state: LoopState, final: bool, log: MetricsLog | None, control) -> None:
     """Every rank sends its step and RNG states; rank 0 writes (with the SSPS state, the same on every
-    rank); nobody goes on until the file exists."""
-    cfg, world = recipe.train, distributed.world_size()
+    rank); nobody goes on until the file exists, which becomes `state.last_good`.
+
+    Weights or buffers with NaN/inf on any rank (a BatchNorm running_var can overflow while the loss
+    stays finite) write nothing: every rank raises the same TrainingError.
+    """
+    cfg, world, step = recipe.train, distributed.world_size(), state.step
+    bad = first_nonfinite(method.state_dict())
+    flag = torch.tensor([bad is not None], dtype=torch.int32)
+    if distributed.is_dist():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+    if flag.item():
+        raise state.diverged(f"step {step}: {bad or 'a weight on another rank'}")
     mine = {"step": step, "rng": rng_state(augmenter)}
     ranks = [mine] * world
     if distributed.is_dist():
@@ -298,7 +327,7 @@ def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.O
         log.sync()
     if distributed.is_dist():
         dist.barrier(group=control)
-    return saved or "rank 0's checkpoint"
+    state.last_good = saved or "rank 0's checkpoint"
 
 
 def log_interval(meter: Meter, state: LoopState, recipe: Recipe, log: MetricsLog | None, bar: tqdm) -> None:
@@ -306,8 +335,7 @@ def log_interval(meter: Meter, state: LoopState, recipe: Recipe, log: MetricsLog
     first_step = state.step - len(meter.losses)
     record, bad = meter.summarize(recipe.data.batch_size * distributed.world_size())
     if bad is not None:
-        raise TrainingError(f"step {first_step + bad + 1}: loss is not finite; stopped without a checkpoint; "
-                            f"last good checkpoint: {state.last_good or 'none'}")
+        raise state.diverged(f"step {first_step + bad + 1}: loss")
     if log:
         log.write({"step": state.step, "epoch": (state.step - 1) // recipe.data.steps_per_epoch, "lr": state.lr,
                    "weight_decay": state.weight_decay, **record})
@@ -323,9 +351,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         check_classes(recipe)
     steps_per_epoch, utterances_per_step = data.steps_per_epoch, data.batch_size * world
     total, warmup = cfg.epochs * steps_per_epoch, round(optim.warmup_epochs * steps_per_epoch)
-    with storage_errors("train.out_dir"):
-        url = find_resume(recipe, resume)
-        ckpt = read_checkpoint(url, cfg.storage_options) if url else None
+    with storage_errors("--resume" if isinstance(resume, str) else "train.out_dir"):
+        url, ckpt = find_resume(recipe, resume)
     start_step = ckpt["step"] if ckpt else 0
     epoch, skip = divmod(start_step, steps_per_epoch)
     with storage_errors("augment.cpu"):  # its shard sets become local folders once, before any worker starts
@@ -350,7 +377,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     with storage_errors("augment (noise/rir banks)"):
         augmenter = Augmenter.from_config(recipe.augment, device, seed=cfg.seed * 1000 + rank)
     if ckpt:
-        method.load_state_dict(ckpt["method"])
+        load_weights(method, ckpt["method"], url)
         optimizer.load_state_dict(ckpt["optimizer"])
         if ssps:
             ssps.load_state_dict(ckpt["ssps"])
@@ -411,8 +438,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                     if distributed.is_dist():
                         dist.barrier(group=control)
                 if periodic or stopping:
-                    state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, ssps, state.step, False, log,
-                                                       control)
+                    write_checkpoint(recipe, method, optimizer, augmenter, ssps, state, False, log, control)
                 if stopping:
                     if rank == 0:
                         tqdm.write(f"signal {stop.signal or 'on another rank'}: saved {state.last_good} at step "
@@ -423,7 +449,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                 log.write({"step": state.step, "epoch": (state.step - 1) // steps_per_epoch, "pipeline": loader.stats})
             loader = None
         if state.step > start_step:
-            state.last_good = write_checkpoint(recipe, method, optimizer, augmenter, ssps, state.step, True, log, control)
+            write_checkpoint(recipe, method, optimizer, augmenter, ssps, state, True, log, control)
             if rank == 0:
                 steps, seconds = state.step - start_step, time.perf_counter() - run_started
                 tqdm.write(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s, "

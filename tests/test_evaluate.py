@@ -322,6 +322,42 @@ def test_a_checkpoint_whose_recipe_no_longer_validates_is_one_line_naming_it(cor
         assert f"{ckpt}: the checkpoint's recipe does not validate: model.chanels: unknown key" in err[0]
 
 
+def test_a_file_that_is_not_a_checkpoint_or_holds_another_network_is_one_line(corpus, tmp_path, capsys):
+    from dataclasses import asdict
+
+    from voxstream.model.encoders import EncoderConfig
+    from voxstream.model.methods import build_method
+    from voxstream.model.recipe import method_config
+
+    root, _, _, trials = corpus
+    small, method_cfg = EncoderConfig(channels=16, embed_dim=8, n_mels=40), method_config({"name": "simclr"})
+    recipe = {"model": {**asdict(small), "channels": 32}, "method": asdict(method_cfg)}  # says 32, holds 16
+    mismatched, text, cut = tmp_path / "mismatched.pt", tmp_path / "notes.pt", tmp_path / "cut.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "recipe": recipe,
+                "method": build_method(small, method_cfg).state_dict()}, mismatched)
+    text.write_text("not a checkpoint\n")
+    cut.write_bytes(mismatched.read_bytes()[:1000])
+    for ckpt, message in [(text, f"{text}: not a readable checkpoint (UnpicklingError: "),
+                          (cut, f"{cut}: not a readable checkpoint (RuntimeError: "),
+                          (mismatched, f"{mismatched} holds another network than model: size mismatch for encoder.")]:
+        rc = evaluate_tool.main(["--checkpoint", str(ckpt), "--trials", str(trials), "--audio-root", str(root)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"evaluate: error: {message}"), err
+
+
+def test_self_trials_and_repeated_lines_are_counted_in_a_warning(tmp_path, caplog):
+    path = tmp_path / "trials.txt"
+    path.write_text("1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n")
+    read_trials(str(path))
+    assert not caplog.records
+    path.write_text("1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n1 a/x/1.wav a/x/1.wav\n"
+                    "1 a/x/1.wav a/y/2.wav\n0 a/x/1.wav b/z/3.wav\n1 b/z/3.wav b/z/3.wav\n")
+    t = read_trials(str(path))
+    assert len(t.labels) == 6  # scored as given
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 2 self-trial(s) (enroll == test) and 2 repeated trial line(s) among 6, scored as given"]
+
+
 def test_untrained_encoder_from_a_recipe_is_reproducible(tmp_path):
     from voxstream.model.evaluate import load_embedder
 

@@ -56,12 +56,43 @@ def test_recipe_round_trips_through_a_dict(recipe_file):
     ("optim.name=lamb", "optim.name: expected one of sgd, adamw, got 'lamb'"),
     ("epochs=3", "override 'epochs=3': expected section.key=value"),
     ("train.epochs", "override 'train.epochs': expected section.key=value"),
+    # numbers out of range
+    ("train.epochs=-1", "train.epochs: must be at least 1, got -1"),
+    ("train.epochs=0", "train.epochs: must be at least 1, got 0"),
+    ("train.ckpt_every=0", "train.ckpt_every: must be at least 1, got 0"),
+    ("train.keep_last=-2", "train.keep_last: must be >= 0, got -2"),
+    ("data.steps_per_epoch=0", "data.steps_per_epoch must be >= 1, got 0"),
+    ("model.name=xyz", "model.name: expected one of ecapa, resnet34, got 'xyz'"),
+    ("model.channels=-5", "model.channels: must be a positive multiple of 8 (Res2Net scale), got -5"),
+    ("model.channels=12", "model.channels: must be a positive multiple of 8 (Res2Net scale), got 12"),
+    ("model.embed_dim=0", "model.embed_dim: must be at least 1, got 0"),
+    ("optim.lr=-0.1", "optim.lr: must be >= 0, got -0.1"),
+    ("optim.lr=.nan", "optim.lr: must be >= 0, got nan"),
+    ("optim.final_lr=.inf", "optim.final_lr: must be >= 0, got inf"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas: must be in [0, 1), got 1.5"),
+    ("optim.betas=[0.9]", "optim.betas: expected [beta1, beta2], got [0.9]"),
+    ("method.temperature=0", "method.temperature: must be > 0, got 0.0"),
+    ("method.projector_output_dim=0", "method.projector_output_dim: must be at least 1, got 0"),
+    ("augment.p_noise=-1", "augment.p_noise: must be >= 0, got -1.0"),
+    ("augment.p_channel=2", "augment.p_channel: must be in [0, 1], got 2.0"),
+    ("augment.snr_music=[15, 5]", "augment.snr_music: expected [low, high], got [15.0, 5.0]"),
+    ("augment.babble_speakers=[0, 3]", "augment.babble_speakers: must be at least 1, got 0"),
+    ("data.weights=[1.0, -1.0]", "data.weights: must be >= 0, got -1.0"),
 ])
-def test_bad_keys_and_types_name_the_key(recipe_file, override, message):
+def test_bad_keys_types_and_ranges_name_the_key(recipe_file, override, message):
     with pytest.raises(RecipeError) as e:
         load_recipe(str(recipe_file), [override])
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_ranges_depend_on_the_model_and_method_named():
+    ok = {"model": {"name": "resnet34", "channels": 12}, "method": {"name": "swav", "queue_size": 0}}
+    assert recipe_from_dict(ok).model.channels == 12  # the thin ResNet has no Res2Net groups
+    with pytest.raises(RecipeError, match=r"^method.queue_size: must be at least 1, got 0$"):
+        recipe_from_dict({"method": {"name": "moco", "queue_size": 0}})
+    with pytest.raises(RecipeError, match=r"^method.momentum: must be in \[0, 1\], got 1.5$"):
+        recipe_from_dict({"method": {"name": "moco", "momentum": 1.5}})
 
 
 def test_method_section_becomes_the_named_methods_config():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,6 +252,54 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     assert sorted(p.name for p in run.glob("*.pt")) == ["last.pt"]
     assert read_checkpoint(str(run / "last.pt"))["step"] == STEPS_PER_EPOCH
     assert max(losses(run)) < bad_step
+
+
+def test_weights_that_overflow_while_the_loss_is_finite_are_never_checkpointed(local_sets, tmp_path):
+    """At lr=1e9 a BatchNorm running_var reaches inf at step 2 while the loss is still finite."""
+    recipe = tiny_recipe(tmp_path, local_sets)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as e:
+        train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0", "optim.lr=1e9", "optim.warmup_epochs=0",
+                                        "optim.grad_clip=0", "train.ckpt_every=1"]))
+    assert re.fullmatch(rf"step 2: encoder\.\S+\.running_var is not finite; stopped without a checkpoint; "
+                        rf"last good checkpoint: {run / 'ckpt-00000001.pt'}", str(e.value)), str(e.value)
+    assert sorted(p.name for p in run.glob("*.pt")) == ["ckpt-00000001.pt"]
+    assert all(torch.isfinite(t).all() for t in read_checkpoint(str(run / "ckpt-00000001.pt"))["method"].values()
+               if t.is_floating_point())
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(local_sets, tmp_path, capfd):
+    recipe = tiny_recipe(tmp_path, local_sets)
+    run, opts = tmp_path / "run", ["data.workers=0", "train.ckpt_every=4"]
+    assert train(load_recipe(str(recipe), ["train.epochs=1", *opts])) == STEPS_PER_EPOCH
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut short by preemption
+    # Named explicitly, the broken file is an error; found automatically, the previous one resumes.
+    with pytest.raises(TrainingError, match=rf"^--resume: CheckpointError: {last}: not a readable checkpoint"):
+        train(load_recipe(str(recipe), ["train.epochs=2", *opts]), resume=str(last))
+    capfd.readouterr()
+    assert train(load_recipe(str(recipe), ["train.epochs=2", *opts])) == 2 * STEPS_PER_EPOCH
+    err = capfd.readouterr().err
+    assert f"skipping {last}: not a readable checkpoint (" in err
+    assert f"resuming from {run / 'ckpt-00000004.pt'} at step 4" in err
+    assert read_checkpoint(str(last))["step"] == 2 * STEPS_PER_EPOCH
+    # Weights of another size: one line naming the checkpoint and the first tensor that differs.
+    with pytest.raises(RecipeError, match=rf"^{last} holds another network than model: size mismatch for encoder"):
+        train(load_recipe(str(recipe), ["train.epochs=3", "model.channels=24", *opts]))
+    for path in run.glob("*.pt"):
+        path.write_bytes(b"")
+    oldest = run / "ckpt-00000008.pt"
+    with pytest.raises(TrainingError, match=rf"^train.out_dir: no intact checkpoint in {run}, the oldest: {oldest}: "):
+        train(load_recipe(str(recipe), ["train.epochs=3", *opts]))
+
+
+def test_user_mistakes_on_the_command_line_are_one_line_with_exit_code_2(tmp_path):
+    recipe = tiny_recipe(tmp_path, str(tmp_path / "speech"))
+    for override, line in [("model.name=xyz", "error: model.name: expected one of ecapa, resnet34, got 'xyz'"),
+                           ("model.channels=-5", "error: model.channels: must be a positive multiple of 8 "
+                                                 "(Res2Net scale), got -5"),
+                           ("train.epochs=-1", "error: train.epochs: must be at least 1, got -1")]:
+        assert one_line_error(recipe, override) == (2, line)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

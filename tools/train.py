@@ -1,8 +1,10 @@
 """Train a recipe: `torchrun --nproc_per_node=N tools/train.py --config configs/X.yaml [key=value ...]`.
 
 Also runs as plain `python tools/train.py ...` (one process). Multi-node: torchrun --nnodes=M
---rdzv-backend=c10d --rdzv-endpoint=HOST:PORT on every node. A checkpoint in train.out_dir is
-resumed automatically; SIGTERM saves one and exits.
+--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT on every node. The newest intact checkpoint in
+train.out_dir is resumed automatically (a cut-short newer one is skipped with a line); SIGTERM saves
+one and exits. A mistake in the recipe or an override, or weights of another network than `model`,
+is one line and exit code 2; any other failure is one line and exit code 1.
 """
 from __future__ import annotations
 
