@@ -319,12 +319,13 @@ def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.O
     if distributed.is_dist():
         dist.all_gather_object(ranks, mine, group=control)
     saved = None
-    if distributed.rank() == 0:
-        saved = save_checkpoint({"recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
-                                 "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
-                                 **({"ssps": ssps.state_dict()} if ssps else {})},
-                                cfg.out_dir, final, cfg.keep_last, cfg.storage_options)
-        log.sync()
+    if distributed.rank() == 0:  # an out_dir in a bucket rides out an outage like the data does (atomic writes)
+        ckpt = {"recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
+                "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
+                **({"ssps": ssps.state_dict()} if ssps else {})}
+        saved = storage.Retry().call(lambda: save_checkpoint(ckpt, cfg.out_dir, final, cfg.keep_last,
+                                                             cfg.storage_options), f"write a checkpoint to {cfg.out_dir}")
+        storage.Retry().call(log.sync, f"write {cfg.out_dir}/metrics.jsonl")
     if distributed.is_dist():
         dist.barrier(group=control)
     state.last_good = saved or "rank 0's checkpoint"
@@ -404,11 +405,13 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     stop = StopRequest.install()  # this run's SIGTERM handler, until `finally` restores the previous one
     try:
         while state.step < total:
+            read_retries: list[int] = []  # one entry a retry of this epoch's manifest reads, logged with the stream's
             if loader is None:  # the first epoch's was made before the model, to fail fast; later ones
                 epoch = state.step // steps_per_epoch  # re-read the manifests, so they ride out an outage
                 loader = data.retry.call(lambda: make_loader(
                     data, epoch, rank, world, start_step=0, cpu_augment=cpu_augment,
-                    reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0), f"read data.train for epoch {epoch}")
+                    reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0), f"read data.train for epoch {epoch}",
+                    on_retry=lambda: read_retries.append(1))
             fetched = time.perf_counter()
             for batch in loader:
                 meter.waited += time.perf_counter() - fetched
@@ -446,7 +449,9 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                     return state.step
                 fetched = time.perf_counter()
             if log:  # rank 0's pipeline counters: skipped shards, repeated groups in a batch
-                log.write({"step": state.step, "epoch": (state.step - 1) // steps_per_epoch, "pipeline": loader.stats})
+                pipeline = loader.stats
+                pipeline["retries"] += len(read_retries)
+                log.write({"step": state.step, "epoch": (state.step - 1) // steps_per_epoch, "pipeline": pipeline})
             loader = None
         if state.step > start_step:
             write_checkpoint(recipe, method, optimizer, augmenter, ssps, state, True, log, control)
