@@ -423,9 +423,9 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                              if ssps else None)
                 loss, stats = train_step(model, optimizer, augmenter, views, groups, autocast, optim.grad_clip,
                                          positives)
-                if ssps:
-                    ssps.remember(state.step, positives)
+                if ssps:  # the monitors read the drawn queue entries before this step's outputs overwrite them
                     stats = {**stats, **ssps.stats(positives, speakers_known=any(batch.speakers))}
+                    ssps.remember(state.step, positives)
                 method.after_step(state.step, total)
                 state.step += 1
                 meter.add(loss, stats)
