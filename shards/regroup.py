@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from voxstream.shards import storage
 from voxstream.shards.corpora import BadInput
-from voxstream.shards.format import Manifest, Sample, build_shard, iter_tar, read_manifest, shard_name, \
+from voxstream.shards.format import Manifest, Sample, build_shard, flac_intact, iter_tar, read_manifest, shard_name, \
     split_member, write_manifest
 from voxstream.shards.labels import Labels, read_labels
 from voxstream.shards.writer import PROGRESS, WriteConfig, check_destination, finished_or_tidied, shard_intact, \
@@ -126,6 +126,10 @@ def build_output(name: str, paths: list[str], rows: np.ndarray, cfg: WriteConfig
     # Each range is whole tar members, so the ranges one after another read as one tar stream.
     samples = [Sample(key, relabel(json.loads(members["json"]), int(label)), members["flac"])
                for (key, members), label in zip(iter_tar(io.BytesIO(b"".join(chunks))), rows["label"], strict=True)]
+    # build_shard records a fresh crc32: check the old one first, or a corrupted input would pass as sound.
+    if broken := [s.key for s in samples if not flac_intact(s.meta, s.flac)]:
+        raise BadInput(f"{name}: {len(broken)} input sample(s) fail their crc32, first {broken[0]}: "
+                         f"run verify on the input set")
     data, stats = build_shard(samples, name)
     url = storage.join(cfg.out, name)
     cfg.retry.call(lambda: storage.write_bytes(url, data, cfg.storage_options), f"write {url}")

@@ -157,3 +157,18 @@ def test_cross_utterance_pairs_two_utterances_of_one_pseudo_speaker(tmp_path):
             assert is_crop_of(second, ramp(*truth[other]))
             checked += 1
     assert checked == 8 * 4 and loader.stats["fallbacks"] == 0
+
+
+def test_an_input_flac_that_fails_its_crc32_stops_regroup_with_one_line(tmp_path):
+    """Regroup rewrites each sample through build_shard, which records a fresh crc32: without checking
+    the old one, a corrupted input would come out looking sound."""
+    src = str(tmp_path / "in")
+    keys = list(make_set(src, [8]))
+    labels_for(src, {k: 0 for k in keys}, str(tmp_path / "labels.npz"))
+    shard = Path(fmt.shard_urls(src)[0])
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"fLaC") + 200] ^= 0xFF  # one flipped byte in the first utterance's FLAC
+    shard.write_bytes(bytes(data))
+    done = make_shards("regroup", "--in", src, "--labels", tmp_path / "labels.npz", "--out", tmp_path / "out")
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and "1 input sample(s) fail their crc32" in done.stderr, done.stderr
