@@ -51,8 +51,9 @@ def test_sampling_switches_on_at_the_configured_step_with_its_monitors(uninterru
         if step <= START:
             assert r["ssps_sampled"] == 0 and r["ssps_clusters"] == 0, step
         else:
-            assert r["ssps_sampled"] > 0.5 and r["ssps_clusters"] == 6, step
+            assert r["ssps_sampled"] > 0 and r["ssps_clusters"] == 6, step
             assert 0 <= r["ssps_same_group"] <= 1 and 0 <= r["ssps_same_speaker"] <= 1
+    assert np.mean([r["ssps_sampled"] for step, r in logged.items() if step > START]) > 0.5
     state = read_checkpoint(str(uninterrupted / "run" / "last.pt"))["ssps"]
     assert len(state["filled"]) == 6 * 2 * 3 + 1  # a row for each utterance of the set, and the spare
     assert state["filled"][:-1].sum() > 6 * 2 * 3 // 2  # 64 draws with replacement since step 8
@@ -96,6 +97,7 @@ def test_moco_and_dino_take_sampled_positives_through_their_positive_branch(spee
     assert train(load_recipe(str(recipe), SSPS)) == TOTAL
     logged = records(tmp_path / "run")
     assert all(np.isfinite(r["loss"]) for r in logged.values())
-    assert all(r["ssps_sampled"] > 0.5 for step, r in logged.items() if step > START)
+    sampled = [r["ssps_sampled"] for step, r in logged.items() if step > START]
+    assert min(sampled) > 0 and np.mean(sampled) > 0.5
     queue = read_checkpoint(str(tmp_path / "run" / "last.pt"))["ssps"]["queue"]
     assert queue.shape == (24, 2, 16)  # two positive outputs an item (keys of both views, or both global crops), 16-d
