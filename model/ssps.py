@@ -146,21 +146,23 @@ class SSPS:
         score = torch.rand(candidate.shape, device=indices.device).masked_fill_(~candidate, -1.0)
         return torch.where(candidate.any(dim=1), score.argmax(dim=1), -1)
 
-    def stats(self, positives: Positives, speakers_known: bool) -> dict[str, torch.Tensor]:
+    def stats(self, positives: Positives) -> dict[str, torch.Tensor]:
         """Monitoring (metadata groups and speakers are never used for training): the share of anchors
         given a sampled positive, the clusters in use and, of the sampled positives, the share from the
-        anchor's own group (session, or pseudo-label) and, when the metadata names them, speaker."""
+        anchor's own group (session, or pseudo-label) and, of those whose metadata names a speaker (id 0:
+        none), from its speaker. The same keys at every step and on every rank: the trainer all-reduces them."""
         zero = torch.zeros((), device=self.device)
-        out = {"ssps_sampled": zero, "ssps_clusters": zero + self.clusters}
+        out = {"ssps_sampled": zero, "ssps_clusters": zero + self.clusters, "ssps_same_group": zero,
+               "ssps_same_speaker": zero}
         if positives.rows is None:
-            return {**out, "ssps_same_group": zero, **({"ssps_same_speaker": zero} if speakers_known else {})}
+            return out
         hit = positives.rows >= 0
-        count = hit.sum().clamp(min=1)
+        named = hit & (positives.speakers != 0)
         rows = positives.rows.clamp(min=0)
         out["ssps_sampled"] = hit.float().mean()
-        out["ssps_same_group"] = ((self.queue_group[rows] == positives.groups) & hit).sum() / count
-        if speakers_known:
-            out["ssps_same_speaker"] = ((self.queue_speaker[rows] == positives.speakers) & hit).sum() / count
+        out["ssps_same_group"] = ((self.queue_group[rows] == positives.groups) & hit).sum() / hit.sum().clamp(min=1)
+        out["ssps_same_speaker"] = ((self.queue_speaker[rows] == positives.speakers) & named).sum() / \
+            named.sum().clamp(min=1)
         return out
 
     @torch.no_grad()

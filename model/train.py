@@ -424,7 +424,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                 loss, stats = train_step(model, optimizer, augmenter, views, groups, autocast, optim.grad_clip,
                                          positives)
                 if ssps:  # the monitors read the drawn queue entries before this step's outputs overwrite them
-                    stats = {**stats, **ssps.stats(positives, speakers_known=any(batch.speakers))}
+                    stats = {**stats, **ssps.stats(positives)}
                     ssps.remember(state.step, positives)
                 method.after_step(state.step, total)
                 state.step += 1
