@@ -6,7 +6,7 @@ the method's own after-step update (EMA teachers, queues). Everything a step dep
 checkpoint (weights, optimizer, method buffers, step, RNG states; the stream position and the LR/WD
 schedules follow from the step), so a run that was killed and resumed follows the trajectory of one
 that was not. What the loop carries between steps is one LoopState; SIGTERM is a StopRequest that
-the run installs and removes.
+the run installs and removes. What a run checks before its first step is in model/preflight.py.
 
 With `ssps.enabled` (model/ssps.py) the loader adds a clean reference crop as the last view: SSPS
 embeds it and draws the step's positives before the step, and queues both after it; its state is
@@ -22,7 +22,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,25 +30,20 @@ from torch import nn
 from tqdm import tqdm
 
 from voxstream.model import distributed
-from voxstream.model.checkpoint import (CheckpointError, checkpoints, first_nonfinite, load_method, load_weights,
-                                        read_checkpoint, save_checkpoint)
-from voxstream.model.encoders import build_encoder
+from voxstream.model.checkpoint import first_nonfinite, load_weights, save_checkpoint
 from voxstream.model.logs import Meter, MetricsLog
-from voxstream.model.methods import METHODS, build_method
+from voxstream.model.methods import build_method
+from voxstream.model.preflight import (TrainingError, build_ssps, check_classes, check_outputs, find_resume,
+                                       initial_encoder, storage_errors)
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
 from voxstream.model.schedules import cosine, warmup_cosine
 from voxstream.model.ssps import SSPS, Positives
 from voxstream.pipeline.augment import Augmenter
 from voxstream.pipeline.cpu_augment import default_cache_dir, prepare_cpu_augment
-from voxstream.pipeline.loader import Batch, Loader, group_ids, make_loader, views_to_device
-from voxstream.pipeline.sources import index_size
+from voxstream.pipeline.loader import Batch, group_ids, make_loader, views_to_device
 from voxstream.shards import storage
 from voxstream.shards.format import MANIFEST
-from voxstream.shards.labels import read_labels, stable_hash
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, nothing to resume); the message is one line."""
+from voxstream.shards.labels import stable_hash
 
 
 class StopRequest:
@@ -129,84 +123,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def find_resume(recipe: Recipe, resume: bool | str) -> tuple[str | None, dict | None]:
-    """(URL, contents) of the checkpoint to start from, or (None, None): the one named (unreadable: an error),
-    else the newest intact one in out_dir. A newer one that is cut short (a preempted write) or holds
-    NaN/inf weights is skipped with a line saying why; out_dir with checkpoints but none intact is an error."""
-    cfg = recipe.train
-    if isinstance(resume, str):
-        return resume, read_intact(resume, cfg.storage_options)
-    skipped = None
-    for url in checkpoints(cfg.out_dir, cfg.storage_options):
-        try:
-            return url, read_intact(url, cfg.storage_options)
-        except CheckpointError as e:
-            skipped = e
-            if distributed.rank() == 0:
-                print(f"skipping {e}; trying the previous checkpoint", file=sys.stderr)
-    if skipped:
-        raise TrainingError(f"train.out_dir: no intact checkpoint in {cfg.out_dir}, the oldest: {skipped}")
-    if resume:
-        raise TrainingError(f"--resume: no checkpoint in {cfg.out_dir}")
-    return None, None
-
-
-def read_intact(url: str, storage_options: dict) -> dict:
-    """read_checkpoint; NaN/inf weights or buffers (written before the trainer refused them) are a CheckpointError."""
-    ckpt = read_checkpoint(url, storage_options)
-    bad = first_nonfinite(ckpt.get("method", {}))
-    if bad:
-        raise CheckpointError(f"{url}: {bad} is not finite")
-    return ckpt
-
-
-@contextlib.contextmanager
-def storage_errors(key: str) -> Iterator[None]:
-    """Any failure to reach a recipe's URLs as one line naming its key (botocore's errors are not OSError)."""
-    try:
-        yield
-    except (RecipeError, TrainingError):
-        raise
-    except Exception as e:
-        raise TrainingError(f"{key}: {type(e).__name__}: {e}") from e
-
-
-def check_classes(recipe: Recipe) -> None:
-    """A method over classes (AAM) needs data.labels, with every label below method.classes."""
-    classes = getattr(recipe.method, "classes", None)
-    if classes is None:
-        return
-    if not recipe.data.labels:
-        raise RecipeError(f"method.name: {recipe.method.name} trains on classes: set data.labels to a labels file")
-    labels = read_labels(recipe.data.labels, recipe.data.storage_options).labels
-    if labels.size and int(labels.max()) >= classes:
-        raise RecipeError(f"method.classes: {classes}, but {recipe.data.labels} has labels up to {int(labels.max())}")
-
-
-def initial_encoder(recipe: Recipe) -> nn.Module:
-    """train.init: an encoder holding that checkpoint's evaluation network (DINO's teacher, else its encoder),
-    so a pseudo-label round fine-tunes the model that made its labels."""
-    source, _ = load_method(recipe.train.init, recipe.train.storage_options)
-    encoder = build_encoder(recipe.model)
-    load_weights(encoder, source.embedder().state_dict(), f"train.init: {recipe.train.init}")
-    return encoder
-
-
-def build_ssps(recipe: Recipe, loader: Loader, total_steps: int, device: torch.device) -> SSPS | None:
-    """SSPS's queues over every utterance of data.train (recipe.ssps), or None when it is off."""
-    cfg = recipe.ssps
-    if not cfg.enabled:
-        return None
-    if not METHODS[recipe.method.name].SAMPLES_POSITIVES:
-        raise RecipeError(f"ssps.enabled: {recipe.method.name} has no positive branch to sample; "
-                          f"SSPS works with {', '.join(n for n, m in METHODS.items() if m.SAMPLES_POSITIVES)}")
-    utterances = index_size(loader.plan.corpora)
-    if utterances is None:
-        raise RecipeError(f"ssps.enabled: data.train must be shard sets with a manifest (SSPS indexes every "
-                          f"utterance by its shard and position), got {recipe.data.train}")
-    return SSPS(cfg, utterances, recipe.model.embed_dim, recipe.data.steps_per_epoch, total_steps, device)
-
-
 def draw_positives(ssps: SSPS, step: int, encoder: nn.Module, batch: Batch, reference: torch.Tensor,
                    groups: torch.Tensor, autocast: torch.autocast) -> Positives:
     """This step's SSPS draw from the batch's clean reference crops (the loader's last view)."""
@@ -218,24 +134,6 @@ def draw_positives(ssps: SSPS, step: int, encoder: nn.Module, batch: Batch, refe
     speakers = torch.tensor([stable_hash(s) if s else 0 for s in batch.speakers], dtype=torch.int64)
     with autocast:
         return ssps.begin(step, encoder, reference, indices, groups, speakers.to(device, non_blocking=True))
-
-
-def check_outputs(recipe: Recipe) -> None:
-    """Fail before any training if the run could not write its results."""
-    cfg = recipe.train
-    if cfg.tensorboard and not storage.is_local(cfg.out_dir):
-        raise RecipeError(f"train.tensorboard: needs a local train.out_dir, got {cfg.out_dir}")
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise RecipeError("train.tensorboard: the tensorboard package is not installed") from None
-    fs, path = storage.filesystem(cfg.out_dir, cfg.storage_options)
-    bucket = path.split("/", 1)[0]
-    if not storage.is_local(cfg.out_dir) and not cfg.create_bucket and not fs.exists(bucket):
-        raise RecipeError(f"train.out_dir: bucket {bucket} does not exist in {cfg.out_dir}; "
-                          "create it, or set train.create_bucket=true")
-    fs.makedirs(path, exist_ok=True)
 
 
 def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.device) -> dict:

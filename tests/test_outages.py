@@ -20,7 +20,7 @@ import yaml
 from test_make_shards import LIBRI, corpus, samples
 from test_train import STEPS_PER_EPOCH, losses, one_line_error, tiny_recipe, write_speech_set
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe
-from voxstream.model.train import check_outputs
+from voxstream.model.preflight import check_outputs
 from voxstream.shards import format as fmt
 from voxstream.shards import storage
 from voxstream.shards.locals3 import local_s3

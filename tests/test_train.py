@@ -23,7 +23,8 @@ from voices import utterances, voices
 from voxstream.model.checkpoint import latest_checkpoint, load_method, read_checkpoint, save_checkpoint
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe, recipe_from_dict
-from voxstream.model.train import TrainingError, initial_encoder, train, validate
+from voxstream.model.preflight import TrainingError, initial_encoder
+from voxstream.model.train import train, validate
 from voxstream.pipeline.banks import write_clip_set
 from voxstream.shards import storage
 from voxstream.shards.format import SAMPLE_RATE, Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
