@@ -1,8 +1,9 @@
 """Speaker embeddings for evaluation: audio sources, length-bucketed extraction, a per-utterance cache.
 
 Audio sources yield (id, float32 mono waveform at 16 kHz):
-- `FolderAudio(root, ids)`: ids are paths relative to root, as in VoxCeleb trial lists
-  (`id10270/5r0dWxy17C8/00001.wav`); other sample rates are resampled, channels averaged.
+- `FileAudio(paths)`: audio files by id, and `FileAudio.under(root, ids)` where ids are paths relative
+  to root, as in VoxCeleb trial lists (`id10270/5r0dWxy17C8/00001.wav`); other sample rates are
+  resampled, channels averaged (`to_mono_16k`).
 - `ShardAudio(url, select)`: samples of a shard set. A trial id names a shard sample by dropping its
   extension and matching the key's last three parts (sanitised as `shards.format.sample_key` does):
   `id10270/5r0dWxy17C8/00001.wav` is the sample `<any corpus>/id10270/5r0dWxy17C8/00001`.
@@ -82,30 +83,48 @@ def _duration(path: str) -> float:
     return info.frames / info.samplerate
 
 
+def to_mono_16k(wave: np.ndarray | torch.Tensor, rate: int, name: str = "audio") -> np.ndarray:
+    """float32 mono 16 kHz samples of a [samples] or [channels, samples] waveform: channels are
+    averaged, other rates resampled (torchaudio's sinc interpolation)."""
+    wave = torch.as_tensor(wave, dtype=torch.float32)
+    if wave.ndim == 2 and wave.shape[0] > wave.shape[1]:
+        raise ValueError(f"{name}: 2-D audio is [channels, samples], got shape {tuple(wave.shape)}: transpose it")
+    if wave.ndim not in (1, 2) or wave.shape[-1] == 0:
+        raise ValueError(f"{name}: expected [samples] or [channels, samples] audio, got shape {tuple(wave.shape)}")
+    if rate <= 0:
+        raise ValueError(f"{name}: sample rate must be positive, got {rate}")
+    wave = wave.mean(dim=0) if wave.ndim == 2 else wave
+    if rate != SAMPLE_RATE:
+        wave = AF.resample(wave, rate, SAMPLE_RATE)
+    return wave.numpy()
+
+
 def read_wave(path: str) -> np.ndarray:
     """float32 mono 16 kHz samples of an audio file (soundfile: torchaudio.load needs torchcodec)."""
     try:
         wave, rate = sf.read(path, dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
         raise ValueError(f"{path}: cannot decode audio ({e})") from None
-    wave = wave.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
-    return wave
+    if wave.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio")
+    return to_mono_16k(wave.T, rate, path)
 
 
-class FolderAudio:
-    """Trial utterances under a root folder, read longest first so equal lengths arrive together."""
+class FileAudio:
+    """Audio files by id, read longest first so equal lengths arrive together."""
 
-    def __init__(self, root: str, ids: list[str], workers: int = 4):
-        paths = {i: os.path.join(root, i) for i in ids}
-        missing = [i for i in ids if not os.path.isfile(paths[i])]
+    def __init__(self, paths: dict[str, str], workers: int = 4, where: str = "audio", what: str = "utterance"):
+        missing = [i for i, p in paths.items() if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{root}: {len(missing)} trial utterance(s) missing, first: "
-                                    + ", ".join(missing[:5]))
-        seconds = dict(zip(ids, _prefetch(lambda i: _duration(paths[i]), ids, workers)))
-        self.order = sorted(ids, key=seconds.__getitem__, reverse=True)
+            raise FileNotFoundError(f"{where}: {len(missing)} {what}(s) missing, first: " + ", ".join(missing[:5]))
+        seconds = dict(zip(paths, _prefetch(lambda i: _duration(paths[i]), paths, workers)))
+        self.order = sorted(paths, key=seconds.__getitem__, reverse=True)
         self.paths, self.workers = paths, workers
+
+    @classmethod
+    def under(cls, root: str, ids: list[str], workers: int = 4) -> "FileAudio":
+        """Trial utterances named by their paths relative to `root`."""
+        return cls({i: os.path.join(root, i) for i in ids}, workers, root, "trial utterance")
 
     def __len__(self) -> int:
         return len(self.order)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from voxstream.model import metrics, plots, scoring
-from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, FolderAudio, ShardAudio, model_fingerprint, trial_suffix
+from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, FileAudio, ShardAudio, model_fingerprint, trial_suffix
 from voxstream.shards import storage
 
 P_TARGETS = (0.01, 0.05)
@@ -110,7 +110,7 @@ def embed_trials(embedder: nn.Module, cfg: EvalConfig, ids: list[str], fingerpri
     stats = {"utterances": len(ids), "cached": len(ids) - len(todo), "computed": 0}
     if todo:
         if cfg.audio_root:
-            audio = FolderAudio(cfg.audio_root, todo, cfg.embed.workers)
+            audio = FileAudio.under(cfg.audio_root, todo, cfg.embed.workers)
         else:
             wanted = {trial_suffix(i): i for i in todo}
             audio = ShardAudio(cfg.shards, lambda key: wanted.get("/".join(key.split("/")[-3:])),
@@ -149,7 +149,7 @@ def _score_list(t: Trials, index: dict[str, int], x: np.ndarray, norm: tuple | N
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
-    row = {"eer": metrics.eer(scores, labels)}
+    row = {"eer": metrics.eer(scores, labels), "eer_threshold": metrics.eer_threshold(scores, labels)}
     row.update({f"min_dcf_{p:g}": metrics.min_dcf(scores, labels, p) for p in P_TARGETS})
     return {k: round(v, 6) for k, v in row.items()}
 

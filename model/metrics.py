@@ -41,7 +41,7 @@ def eer(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def eer_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The score threshold where FAR first reaches FRR (the EER operating point, for plots)."""
+    """The score threshold where FAR first reaches FRR: the EER operating point (accept score >= it)."""
     frr, far, thresholds = error_rates(scores, labels)
     return float(thresholds[int(np.argmax(far >= frr))])
 
