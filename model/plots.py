@@ -14,7 +14,7 @@ DET_TICKS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8]
 DET_LIMITS = (0.0005, 0.8)
 
 
-def _figure(size: tuple[float, float]) -> Figure:
+def new_figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(fig)   # without pyplot: no global figure state, no interactive backend
     return fig
@@ -22,7 +22,7 @@ def _figure(size: tuple[float, float]) -> Figure:
 
 def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> None:
     """DET curves on normal-deviate axes; `curves` maps a label to (scores, labels, eer)."""
-    fig = _figure((5.5, 5.5))
+    fig = new_figure((5.5, 5.5))
     ax = fig.add_subplot()
     lo, hi = DET_LIMITS
     for name, (scores, labels, eer) in curves.items():
@@ -50,7 +50,7 @@ def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str 
 def plot_histogram(scores: np.ndarray, labels: np.ndarray, path: str | Path, title: str,
                    threshold: float | None = None) -> None:
     """Target and non-target score distributions, with the EER threshold when given."""
-    fig = _figure((6.0, 4.0))
+    fig = new_figure((6.0, 4.0))
     ax = fig.add_subplot()
     labels = np.asarray(labels).astype(bool)
     bins = np.linspace(scores.min(), scores.max(), 61) if scores.max() > scores.min() else 10

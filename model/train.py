@@ -36,6 +36,7 @@ from voxstream.model.methods import build_method
 from voxstream.model.preflight import (TrainingError, build_ssps, check_classes, check_outputs, find_resume,
                                        initial_encoder, storage_errors)
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
+from voxstream.model.report import write_report
 from voxstream.model.schedules import cosine, warmup_cosine
 from voxstream.model.ssps import SSPS, Positives
 from voxstream.pipeline.augment import Augmenter
@@ -161,6 +162,15 @@ def validate(method: nn.Module, cfg: TrainConfig, step: int, device: torch.devic
     scoring = next(iter(report["lists"].values()))["scoring"]
     metrics = scoring[list(scoring)[-1]]  # the list's final scoring (AS-norm when configured)
     return {"val_eer": metrics["eer"], "val_min_dcf_0.01": metrics["min_dcf_0.01"]}
+
+
+def write_run_report(cfg: TrainConfig) -> None:
+    """report.md and report.png in out_dir; a report that cannot be drawn never fails a finished run."""
+    try:
+        verdict, url = write_report(cfg.out_dir, storage_options=cfg.storage_options)
+        tqdm.write(f"report: {url} ({verdict})", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  the checkpoint is written: drawing curves must not turn it into a failure
+        tqdm.write(f"report not written: {e!r}", file=sys.stderr)
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> int:
@@ -358,6 +368,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
                 tqdm.write(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s, "
                            f"{steps * utterances_per_step / seconds:.1f} utterances/s, data wait "
                            f"{meter.total_waited / seconds:.1%} on rank 0); saved {state.last_good}", file=sys.stderr)
+                write_run_report(cfg)
         return state.step
     finally:
         stop.restore()

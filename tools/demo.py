@@ -2,7 +2,8 @@
 
 synthetic corpus -> shards (speech, noise, RIRs) on a local folder or a local S3 server ->
 torchrun training (2 processes, gloo) with device-side augmentation -> evaluation on held-out
-speakers -> a table: trained model vs the same encoder untrained vs the MFCC-statistics baseline.
+speakers -> the run's report (report.md, report.png in the run folder) -> a table: trained model vs
+the same encoder untrained vs the MFCC-statistics baseline.
 Every step runs the real command-line tool, as a user would.
 """
 from __future__ import annotations
@@ -85,6 +86,8 @@ def run(out: Path, base: str, env: dict, args) -> None:
                                         "--out", str(out / "eval-trained")], env)
     step("evaluate the untrained encoder", [py, "tools/evaluate.py", "--untrained", "--config", "configs/demo.yaml",
                                             *audio, "--out", str(out / "eval-untrained")], env)
+    step("the run's report, with its evaluation", [py, "tools/report.py", run_dir,
+                                                   "--eval", str(out / "eval-trained" / "metrics.json")], env)
     table(out, trials, corpus / "wav")
 
 
