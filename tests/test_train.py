@@ -238,6 +238,8 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     assert train(load_recipe(str(recipe), ["train.epochs=1", "data.workers=0"])) == STEPS_PER_EPOCH
     assert signal.getsignal(signal.SIGTERM) is handler, "the run's SIGTERM handler is removed when it ends"
     assert latest_checkpoint(str(run)) == str(run / "last.pt")
+    assert "**LEARNED**" in (run / "report.md").read_text() or "**DID NOT LEARN**" in (run / "report.md").read_text()
+    assert (run / "report.png").stat().st_size > 0, "a finished run writes its report"
     assert sorted(read_checkpoint(str(run / "last.pt"))) == [  # the layout checkpoint.py documents
         "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
     method, _ = load_method(str(run / "last.pt"))
