@@ -60,7 +60,7 @@ def corpus(tmp_path_factory):
     for s, voice in enumerate(voices(3, seed=1)):
         for u in range(2):
             wave = 0.5 * utterances(voice[None], 1.0 + 1.5 * torch.rand((), generator=g).item(), g)[0].numpy()
-            path = root / f"spk{s}" / "sess0" / f"{u:03d}.wav"
+            path = root / f"id{s:05d}" / "sess0" / f"{u:05d}.wav"   # the VoxCeleb layout
             path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(path, wave, SR, subtype="PCM_16")
     return root, sorted(str(p.relative_to(root)) for p in root.rglob("*.wav"))
@@ -209,6 +209,20 @@ def test_embed_reads_a_wav_scp_list_and_rejects_bad_keys(corpus, simclr, tmp_pat
     listing.write_text(f"utt0 {root / ids[0]}\nutt0 {root / ids[1]}\n")
     assert embed_tool.main([*args, "--out", str(tmp_path / "b")]) == 2
     assert "wav.scp:2: key utt0 listed twice" in capsys.readouterr().err
+
+
+def test_embed_reads_every_sample_of_a_shard_set_on_s3(corpus, simclr, tmp_path, s3_url):
+    root, ids = corpus
+    shards = f"{s3_url}/speech"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "voxceleb", "--root", str(root),
+                    "--out", shards, "--workers", "1", "--min-duration", "0.5"], check=True)
+    assert embed_tool.main(["--checkpoint", str(simclr[0]), "--shards", shards, "--out", str(tmp_path / "e"),
+                            "--workers", "1"]) == 0
+    got = dict(kaldiio.load_scp_sequential(str(tmp_path / "e" / "embeddings.scp")))
+    assert sorted(got) == sorted(f"voxceleb/{i[:-4]}" for i in ids)
+    model = Embedder.load(str(simclr[0]), "cpu")   # FLAC in the shards is lossless: the files' embeddings
+    for ident in ids:
+        np.testing.assert_allclose(got[f"voxceleb/{ident[:-4]}"], model.embed(str(root / ident)), atol=1e-5)
 
 
 # ---------------------------------------------------------------- export
