@@ -47,7 +47,7 @@ class ShardCache:
 
     def open(self, url: str, sha256: str | None, open_source: Callable[[], IO[bytes]]) -> IO[bytes] | None:
         """The node's whole copy of the shard at `url`, open for reading, copied first from
-        `open_source()` (a readable file of the shard with a `size`) if it is not cached; None when the
+        `open_source()` (a seekable file of the shard) if it is not cached; None when the
         shard is larger than the whole cache (read it from storage instead)."""
         path = self.entry(url, sha256)
         if cached := _open_used(path):
@@ -58,22 +58,24 @@ class ShardCache:
             if cached := _open_used(path):  # another process published it while this one waited
                 return cached
             with open_source() as source:
-                if source.size > self.max_bytes:
+                size = source.seek(0, os.SEEK_END)
+                if size > self.max_bytes:
                     return None
-                self._copy(source, path, url)
+                source.seek(0)
+                self._copy(source, size, path, url)
                 copy = open(path, "rb")  # before evicting: open, it cannot be evicted from under its reader
         self.evict(keep=path)
         return copy
 
-    def _copy(self, source: IO[bytes], path: str, url: str) -> None:
+    def _copy(self, source: IO[bytes], size: int, path: str, url: str) -> None:
         """Publish a whole copy of `source` at `path`, or nothing."""
         tmp = os.path.join(self.root, "tmp", f"{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as out:
                 while chunk := source.read(CHUNK):
                     out.write(chunk)
-            if os.path.getsize(tmp) != source.size:
-                raise OSError(f"{url}: copied {os.path.getsize(tmp)} of {source.size} bytes")
+            if os.path.getsize(tmp) != size:
+                raise OSError(f"{url}: copied {os.path.getsize(tmp)} of {size} bytes")
             os.replace(tmp, path)
         finally:
             _remove(tmp)

@@ -152,6 +152,14 @@ def test_patterns_split_at_double_colons_but_keep_their_fsspec_layers():
         split_patterns("s3://b/a.tar::simplecache")
 
 
+def bucket_options_only(s3_server, monkeypatch) -> dict:
+    """The bucket's storage options, with its AWS_* variables unset: only options that reach the end
+    of a chain (not its first layer) can read the bucket."""
+    for name in s3_server.env:
+        monkeypatch.delenv(name)
+    return s3_server.storage_options()
+
+
 @pytest.mark.parametrize("spec", ["prefix", "pattern"])
 def test_chained_urls_in_data_train(spec, s3_url, s3_server, monkeypatch):
     truth = make_set(s3_url, [6, 6])
@@ -162,14 +170,6 @@ def test_chained_urls_in_data_train(spec, s3_url, s3_server, monkeypatch):
     loader = make_loader(config(train, workers=2, steps_per_epoch=4, storage_options=options), 0, 0, 1)
     keys = [k for b in loader for k in b.keys]
     assert len(keys) == 16 and set(keys) <= set(truth) and loader.stats["shards_skipped"] == 0
-
-
-def bucket_options_only(s3_server, monkeypatch) -> dict:
-    """The bucket's storage options, with its AWS_* variables unset: only options that reach the end
-    of a chain (not its first layer) can read the bucket."""
-    for name in s3_server.env:
-        monkeypatch.delenv(name)
-    return s3_server.storage_options()
 
 
 def test_chained_urls_in_augment_noise(s3_url, tmp_path, s3_server, monkeypatch):
