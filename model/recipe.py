@@ -99,6 +99,7 @@ RANGES = {
     "augment.babble_speakers": AT_LEAST_1, "augment.retry_attempts": AT_LEAST_1,
     "augment.refresh_fraction": FRACTION, "augment.p_channel": FRACTION,
     "data.weights": NON_NEGATIVE, "data.views": POSITIVE, "data.min_duration": POSITIVE, "data.workers": NON_NEGATIVE,
+    "data.cache_gb": POSITIVE,
     "model.channels": AT_LEAST_1, "model.embed_dim": AT_LEAST_1, "model.n_mels": AT_LEAST_1,
     "ecapa.channels": ECAPA_CHANNELS,
     **{f"optim.{k}": NON_NEGATIVE for k in ("lr", "final_lr", "warmup_epochs", "weight_decay", "final_weight_decay",

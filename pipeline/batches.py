@@ -34,6 +34,7 @@ the buffer for long multi-crop views).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -47,6 +48,8 @@ from voxstream.pipeline.stream import mixed_samples
 from voxstream.pipeline.views import TrainingItem, cross_utterance, same_utterance, view_frames
 from voxstream.shards.format import SAMPLE_RATE
 from voxstream.shards.labels import Labels, read_labels
+from voxstream.shards import storage
+from voxstream.shards.cache import ShardCache
 from voxstream.shards.storage import Retry
 
 MODES = ("same-utterance", "cross-utterance")
@@ -72,6 +75,9 @@ class DataConfig:
     retry_attempts: int = Retry.attempts  # tries per shard open or read before the shard is skipped (storage.Retry)
     retry_backoff: float = Retry.backoff  # s before the first retry, doubling; the defaults outwait a 1-min S3 restart
     labels: str = ""  # labels file (shards/labels.py): its labels become the groups; unlabeled utterances are skipped
+    cache_dir: str = ""  # a local folder all ranks and workers of a node share as a shard cache (shards/cache.py);
+                         # "" reads every shard from storage each time
+    cache_gb: float = 100.0  # the most the cache holds (GB, 1e9 bytes); least recently used shards go first
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,10 +91,20 @@ class DataConfig:
             raise ValueError("data.workers must be >= 0 and data.min_duration > 0")
         if self.retry_attempts < 1 or self.retry_backoff < 0:
             raise ValueError("data.retry_attempts must be >= 1 and data.retry_backoff >= 0")
+        if self.cache_dir and not storage.is_local(self.cache_dir):
+            raise ValueError(f"data.cache_dir {self.cache_dir!r}: must be a local folder (it is the node's cache)")
+        if not self.cache_gb > 0:
+            raise ValueError(f"data.cache_gb must be > 0, got {self.cache_gb}")
 
     @property
     def retry(self) -> Retry:
         return Retry(self.retry_attempts, self.retry_backoff)
+
+    @property
+    def shard_cache(self) -> ShardCache | None:
+        if not self.cache_dir:
+            return None
+        return ShardCache(os.path.abspath(storage.filesystem(self.cache_dir)[1]), int(self.cache_gb * 1e9))
 
 
 @dataclass
@@ -126,7 +142,7 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], labels:
            rng: np.random.Generator, stats: StreamStats) -> Iterator[list[TrainingItem]]:
     """The items of the `chunk_steps` batches of one chunk, from a fresh sample stream and shuffle buffer."""
     frames = view_frames(cfg.views)
-    samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats, cfg.retry)
+    samples = mixed_samples(corpora, weights, rng, cfg.storage_options, cfg.strict, stats, cfg.retry, cfg.shard_cache)
     make_items = same_utterance if cfg.mode == "same-utterance" else cross_utterance
     items = make_items(samples, frames, int(cfg.min_duration * SAMPLE_RATE), labels, rng, stats, reference)
     to_read, buffer = cfg.chunk_steps * cfg.batch_size, []
@@ -141,6 +157,7 @@ def _chunk(cfg: DataConfig, corpora: list[Corpus], weights: list[float], labels:
                 batch.append(_pick(buffer, taken, rng))
                 taken.add(batch[-1].group)
             stats.batches += 1
+            stats.pairs += len(batch)
             stats.dup_group_batches += len(taken) < len(batch)
             yield batch
     finally:

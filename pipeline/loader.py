@@ -104,7 +104,7 @@ class Loader:
     @property
     def stats(self) -> dict:
         """Counters summed over streams, with the rates the trainer logs."""
-        return summary(self.per_stream.values())
+        return summary(self.per_stream[w] for w in sorted(self.per_stream))
 
 
 def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0,

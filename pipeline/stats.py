@@ -25,6 +25,10 @@ class StreamStats:
     cross_items: int = 0          # items made in cross-utterance mode
     fallbacks: int = 0            # of those, the ones whose group had no other usable utterance
     batches: int = 0
+    pairs: int = 0                # items delivered in batches (training pairs, or multi-crop tuples)
+    storage_requests: int = 0     # read requests that reached storage (ranges of an object store, reads of a file)
+    storage_bytes: int = 0        # bytes those requests returned (a cached shard's reads are not counted)
+    crop_bytes: float = 0.0       # compressed bytes the crops span: each crop's share of its utterance's FLAC
     dup_group_batches: int = 0    # batches holding two items of one group: false negatives for a contrastive loss
     cpu_seconds: float = 0.0      # the stream's process CPU time
     # The peaks below are the largest over streams, not sums: each worker's own memory (the trainer's
@@ -37,13 +41,25 @@ class StreamStats:
 PEAKS = ("peak_rss_mb", "peak_pss_mb", "peak_private_mb")
 
 
-def summary(streams: Iterable[StreamStats]) -> dict[str, float]:
-    """Every field over the streams (summed, or the largest for the peaks), with the rates the trainer logs."""
+def data_path(storage_requests: float, storage_bytes: float, crop_bytes: float, pairs: float) -> dict[str, float]:
+    """What the data path costs storage: requests and bytes per pair, and read amplification, the
+    bytes read against the crop bytes used (1 would read only what the crops span)."""
+    return {"storage_requests": storage_requests, "storage_bytes": storage_bytes,
+            "requests_per_pair": storage_requests / max(1, pairs), "bytes_per_pair": storage_bytes / max(1, pairs),
+            "read_amplification": storage_bytes / max(1.0, crop_bytes)}
+
+
+def summary(streams: Iterable[StreamStats]) -> dict:
+    """Every field over the streams (summed, or the largest for the peaks), with the rates the trainer
+    logs, and the data path's figures over all streams and for each (`workers`, one entry a stream)."""
     streams = list(streams)
-    out: dict[str, float] = {}
+    out: dict = {}
     for name in (f.name for f in fields(StreamStats)):
         values = [getattr(s, name) for s in streams]
         out[name] = max(values, default=0.0) if name in PEAKS else sum(values)
     out["dup_group_rate"] = out["dup_group_batches"] / max(1, out["batches"])
     out["fallback_rate"] = out["fallbacks"] / max(1, out["cross_items"])
+    costs = ("storage_requests", "storage_bytes", "crop_bytes", "pairs")
+    out.update(data_path(*(out[k] for k in costs)))
+    out["workers"] = [data_path(*(getattr(s, k) for k in costs)) for s in streams]
     return out

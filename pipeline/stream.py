@@ -17,11 +17,17 @@ raises instead. A sample lacking its .flac or .json member (`stats.samples_incom
 metadata is not a JSON object (`stats.samples_skipped`), or whose FLAC bytes fail the checksum
 recorded at sharding (`stats.samples_corrupt`, see shards.format.flac_intact) is skipped, counted
 and logged, once per visit.
+
+Every request that reaches storage is counted with its bytes (`stats.storage_requests`,
+`stats.storage_bytes`), beneath any read-ahead, the same way for local files and object stores
+(storage.counted); with the node's shard cache (shards/cache.py) only the copies it makes are, so a
+pass over cached shards counts none.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from itertools import groupby
 from typing import IO, Iterator
 
@@ -29,6 +35,7 @@ import numpy as np
 
 from voxstream.pipeline.sources import Corpus, Shard, open_shard
 from voxstream.pipeline.stats import StreamStats
+from voxstream.shards.cache import ShardCache
 from voxstream.shards.format import Sample, flac_intact
 from voxstream.shards.storage import Retry
 
@@ -72,18 +79,25 @@ def _split(name: str) -> tuple[str, str]:
 
 
 class _ShardFile:
-    """Positioned reads of one shard; a transient error reopens the shard and reads again."""
+    """Positioned reads of one shard, from the node's cache when there is one; a transient error
+    reopens the shard and reads again. What reaches storage is counted in `stats`."""
 
-    def __init__(self, shard: Shard, storage_options: dict | None, retry: Retry, stats: StreamStats):
-        self.shard, self.options, self.retry, self.stats = shard, storage_options, retry, stats
+    def __init__(self, shard: Shard, storage_options: dict | None, retry: Retry, stats: StreamStats,
+                 cache: ShardCache | None = None):
+        self.shard, self.options, self.retry, self.stats, self.cache = shard, storage_options, retry, stats, cache
         self.file: IO[bytes] | None = retry.call(self._open, f"open {shard.url}", self._retried)
-        self.size: int = self.file.size
+        self.size: int = self.file.seek(0, os.SEEK_END)
         if shard.size is not None and shard.size != self.size:
             self.file.close()
             raise CorruptShard(f"{shard.url}: {self.size} bytes, the manifest says {shard.size}")
 
     def _open(self) -> IO[bytes]:
-        return open_shard(self.shard.url, self.options)
+        return open_shard(self.shard.url, self.options, on_fetch=self._fetched, cache=self.cache,
+                          sha256=self.shard.sha256)
+
+    def _fetched(self, size: int) -> None:
+        self.stats.storage_requests += 1
+        self.stats.storage_bytes += size
 
     def read(self, pos: int, n: int) -> bytes:
         def attempt() -> bytes:
@@ -183,12 +197,12 @@ def _judged(keyed: Iterator[tuple[int, str, dict[str, bytes]]], url: str,
 
 
 def visit(shard: Shard, rng: np.random.Generator, storage_options: dict | None, stats: StreamStats,
-          retry: Retry) -> Iterator[Sample]:
+          retry: Retry, cache: ShardCache | None = None) -> Iterator[Sample]:
     """Every sample of one shard once, from the first group boundary after a random block, wrapping
     around. Starting at a group boundary keeps groups whole for cross-utterance views. What lies
     before that boundary is read again on the wrap-around and judged (counted, if unsound) there only:
     the sample cut by the entry point is incomplete by design."""
-    f = _ShardFile(shard, storage_options, retry, stats)
+    f = _ShardFile(shard, storage_options, retry, stats, cache)
     try:
         entry = f.resync(BLOCK * int(rng.integers(max(1, f.size // BLOCK))))
         ahead = _by_key(f.members(entry, f.size))
@@ -218,8 +232,8 @@ def sample_index(shard: Shard, sample: Sample) -> int:
     return shard.first + position if shard.first is not None and isinstance(position, int) else -1
 
 
-def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None,
-                   strict: bool, stats: StreamStats, retry: Retry) -> Iterator[tuple[int, Sample]]:
+def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: dict | None, strict: bool,
+                   stats: StreamStats, retry: Retry, cache: ShardCache | None = None) -> Iterator[tuple[int, Sample]]:
     """An endless stream of (global index, sample) from random visits of the corpus's shards."""
     barren = 0  # consecutive visits that gave nothing: all shards broken must fail, not spin
     while True:
@@ -227,7 +241,7 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
         stats.shards_opened += 1
         got = 0
         try:
-            for sample in visit(shard, rng, storage_options, stats, retry):
+            for sample in visit(shard, rng, storage_options, stats, retry, cache):
                 got += 1
                 stats.samples_read += 1
                 yield sample_index(shard, sample), sample
@@ -243,9 +257,10 @@ def corpus_samples(corpus: Corpus, rng: np.random.Generator, storage_options: di
 
 def mixed_samples(corpora: list[Corpus], weights: list[float], rng: np.random.Generator,
                   storage_options: dict | None, strict: bool, stats: StreamStats,
-                  retry: Retry = Retry()) -> Iterator[tuple[int, Sample]]:
-    """(Global index, sample) drawn from the corpora with the given probabilities, one choice per sample."""
-    streams = [corpus_samples(c, rng, storage_options, strict, stats, retry) for c in corpora]
+                  retry: Retry = Retry(), cache: ShardCache | None = None) -> Iterator[tuple[int, Sample]]:
+    """(Global index, sample) drawn from the corpora with the given probabilities, one choice per
+    sample; shards read through the node's `cache` when one is given (shards/cache.py)."""
+    streams = [corpus_samples(c, rng, storage_options, strict, stats, retry, cache) for c in corpora]
     try:
         if len(streams) == 1:
             yield from streams[0]

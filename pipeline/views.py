@@ -103,6 +103,7 @@ def read_spans(key: str, flac: bytes, spans: list[tuple[int, int]]) -> list[np.n
 def crops(utterance: Utterance, frames: list[int], rng: np.random.Generator, stats: StreamStats) -> list[np.ndarray]:
     """One crop per entry of `frames` at independent random offsets of the utterance."""
     key, flac, length = utterance.key, utterance.flac, utterance.length
+    stats.crop_bytes += len(flac) * sum(min(f, length) for f in frames) / length
     starts = [int(rng.integers(length - f + 1)) if f <= length else -1 for f in frames]
     out: list[np.ndarray | None] = [None] * len(frames)
     if min(starts) < 0:  # some view is longer than the utterance: repeat it

@@ -1,5 +1,9 @@
-"""Where shards live: any fsspec URL (local path, file://, s3://, gs://...), written atomically, and
-the one retry policy for reading and writing them.
+"""Where shards live: any fsspec URL (local path, file://, s3://, gs://..., and fsspec's chained URLs such
+as `simplecache::s3://bucket/set`), written atomically, and the one retry policy for reading and writing them.
+
+Storage options describe the storage at the end of a chain (the bucket's endpoint and keys), as they do
+without a chain; options for a layer in front of it go under the layer's name (`{"simplecache":
+{"cache_storage": "/scratch/x"}}`), as fsspec takes them.
 
 S3 endpoints and credentials come from the standard AWS_* variables (AWS_ENDPOINT_URL_S3 included)
 or from explicit storage options; filesystem objects are made per call site, never shared across forks.
@@ -58,17 +62,31 @@ def redact(tree):
     return tree
 
 
+def protocols(url: str) -> list[str]:
+    """The protocols of a URL, outermost first: `simplecache::s3://b/x` -> ["simplecache", "s3"]; "file" for a path."""
+    *layers, target = url.split("::")
+    return [*layers, target.split("://", 1)[0] if "://" in target else "file"]
+
+
+def _chain_options(url: str, options: dict) -> dict:
+    """fsspec's keyword arguments for `url`: the options meant for its target storage moved under the
+    target's name when the URL is a chain (fsspec gives unnamed options to the outermost layer)."""
+    chain = protocols(url)
+    layered = {k: v for k, v in options.items() if k in chain[:-1]}
+    target = {k: v for k, v in options.items() if k not in chain[:-1]}
+    if chain[-1] in ("s3", "s3a"):
+        target = _s3_defaults(target)
+    return {**layered, chain[-1]: target} if len(chain) > 1 else target
+
+
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URL or a plain local path."""
-    options = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")):
-        options = _s3_defaults(options)
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    return fs, path
+    """(filesystem, path inside it) for a URL, a chained URL or a plain local path."""
+    return fsspec.core.url_to_fs(url, **_chain_options(url, dict(storage_options or {})))
 
 
 def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    """A plain local path or file:// URL (a chained URL is not: its layers do the reading)."""
+    return "::" not in url and ("://" not in url or url.startswith("file://"))
 
 
 def join(url: str, *names: str) -> str:
@@ -98,6 +116,44 @@ def open_atomic(url: str, storage_options: dict | None = None) -> Iterator[IO[by
     else:
         with fs.open(path, "wb") as f:
             yield f
+
+
+class _CountedReads:
+    """A file whose reads each call on_fetch(bytes read); everything else is the file's own."""
+
+    def __init__(self, file: IO[bytes], on_fetch: Callable[[int], None]):
+        self._file, self._on_fetch = file, on_fetch
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(n)
+        self._on_fetch(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+    def __enter__(self) -> "_CountedReads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def counted(file: IO[bytes], on_fetch: Callable[[int], None]) -> IO[bytes]:
+    """`file` (opened for reading) with on_fetch(bytes) called for every request that reaches storage:
+    each range an object store's file fetches beneath its read-ahead cache (one GET each), each read
+    of any other file (a local one: a read call on the filesystem)."""
+    if isinstance(file, fsspec.spec.AbstractBufferedFile):
+        fetch = file.cache.fetcher
+
+        def counting(start: int, end: int) -> bytes:
+            data = fetch(start, end)
+            on_fetch(len(data))
+            return data
+
+        file.cache.fetcher = counting
+        return file
+    return _CountedReads(file, on_fetch)
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:

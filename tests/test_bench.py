@@ -15,9 +15,21 @@ def test_pipeline_bench_reports_every_figure_against_its_baseline():
     rows = {row["figure"]: row for row in map(json.loads, out.stdout.splitlines())}
     assert set(rows) == {f"synthetic_{f}" for f in (
         "decode_pairs_per_core", "local_pairs_per_core", "local_pairs_per_second", "local_peak_rss_per_worker_mb",
-        "local_peak_pss_per_worker_mb", "local_peak_private_per_worker_mb", "cpu_augment_pairs_per_core")}
+        "local_peak_pss_per_worker_mb", "local_peak_private_per_worker_mb", "cpu_augment_pairs_per_core",
+        "local_data_path")}
+    path = rows.pop("synthetic_local_data_path")
+    assert path["bytes_per_pair"] > 0 and path["requests_per_pair"] > 0 and path["read_amplification"] > 1
     for row in rows.values():
         assert row["value"] > 0 and row["baseline"] > 0, row
     assert rows["synthetic_local_pairs_per_core"]["pairs"] == 16 * 2 * 8  # whole chunks of both workers
     # the pipeline's workers never import torch; the baseline's DataLoader workers are forks of this process
     assert rows["synthetic_local_peak_rss_per_worker_mb"]["value"] < rows["synthetic_local_peak_rss_per_worker_mb"]["baseline"]
+
+
+def test_pipeline_bench_reports_the_data_path_from_s3_with_a_cold_and_a_warm_cache():
+    out = subprocess.run([sys.executable, "tools/bench.py", "pipeline", "--utterances", "24", "--steps", "1",
+                          "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = {row["figure"]: row for row in map(json.loads, out.stdout.splitlines())}
+    s3, cold, warm = (rows[f"synthetic_s3{f}_data_path"] for f in ("", "_cache_cold", "_cache_warm"))
+    assert s3["bytes_per_pair"] > 0 and cold["bytes_per_pair"] > 0 and cold["requests_per_pair"] > 0
+    assert warm["storage_bytes"] == warm["storage_requests"] == 0 and warm["pairs_per_second"] > 0

@@ -12,6 +12,11 @@ figures isolate the decoder: the same crops read in-process by the pipeline's sp
 and by decode_audio (libsndfile). The `cpu_augment` figure is the pipeline's pairs per core with a
 typical `augment.cpu` chain (CPU_CHAIN) against the same loader without it, in the same run.
 
+The `data_path` figures are what a pass costs storage, counted beneath any read-ahead (pipeline/stats.py):
+bytes and read requests per pair, read amplification (bytes read against the crop bytes used), and
+wall-clock pairs/s, for local shards, S3, and S3 through the node-local shard cache (data.cache_dir)
+on a cold pass (it fills the cache) and a warm one (the next epoch, from the cache).
+
 Data: speech-like synthetic utterances of 2-10 s (harmonic voiced segments with a wandering pitch,
 syllable envelopes, pauses and a noise floor), and with --speech DIR also a folder of real
 recordings (e.g. LibriSpeech), sharded first with the `folder` corpus rules.
@@ -158,6 +163,28 @@ def _row(figure: str, value: float, baseline: float, unit: str, **extra) -> dict
             "ratio": round(value / baseline, 2) if baseline else None, "unit": unit, **extra}
 
 
+def data_path(figure: str, loader: Loader, wall: float, **common) -> dict:
+    """What the pass cost storage, per pair (pipeline/stats.py), and its wall-clock pairs/s."""
+    s = loader.stats
+    return {"figure": figure, "bytes_per_pair": round(s["bytes_per_pair"]), "requests_per_pair": round(s["requests_per_pair"], 4),
+            "read_amplification": round(s["read_amplification"], 2), "pairs_per_second": round(s["pairs"] / wall, 1),
+            "storage_bytes": s["storage_bytes"], "storage_requests": s["storage_requests"], **common}
+
+
+def cached(name: str, shards: str, root: Path, args, storage_options: dict) -> list[dict]:
+    """Two passes through a fresh node-local cache: the first fills it, the second (the next epoch) reads it."""
+    cfg = _config(shards, args, storage_options)
+    cfg.cache_dir = str(root / f"{name}-cache")
+    common = {"workers": args.workers, "views": args.views, "batch_size": args.batch_size,
+              "pairs": cfg.steps_per_epoch * args.batch_size}
+    rows = []
+    for epoch, state in enumerate(("cold", "warm")):
+        loader = make_loader(cfg, epoch, 0, 1)
+        wall, _, _ = _measure(loader, cfg.steps_per_epoch)
+        rows.append(data_path(f"{name}_cache_{state}_data_path", loader, wall, **common))
+    return rows
+
+
 def _config(shards: str, args, storage_options: dict) -> DataConfig:
     cfg = DataConfig(train=shards, views=args.views, batch_size=args.batch_size, workers=args.workers,
                      shuffle_buffer=args.shuffle_buffer, seed=args.seed, storage_options=storage_options)
@@ -199,6 +226,7 @@ def compare(name: str, shards: str, files: list[str], args, storage_options: dic
         _row(f"{name}_peak_pss_per_worker_mb", memory[1], base_memory[1],
              "MB proportional (smaps Pss: shared pages split among their users)", **mb),
         _row(f"{name}_peak_private_per_worker_mb", memory[2], base_memory[2], "MB held by the worker alone", **mb),
+        data_path(f"{name}_data_path", loader, wall, **common),
     ]
 
 
@@ -258,6 +286,7 @@ def measure(name: str, shards: str, root: Path, args) -> list[dict]:
             objects.append(f"{prefix}/files/{os.path.basename(path)}")
             storage.write_bytes(objects[-1], Path(path).read_bytes(), options)
         rows += compare(f"{name}_s3", f"{prefix}/shards", objects, args, options)
+        rows += cached(f"{name}_s3", f"{prefix}/shards", root, args, options)
     return rows
 
 
