@@ -239,7 +239,7 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     assert signal.getsignal(signal.SIGTERM) is handler, "the run's SIGTERM handler is removed when it ends"
     assert latest_checkpoint(str(run)) == str(run / "last.pt")
     assert sorted(read_checkpoint(str(run / "last.pt"))) == [  # the layout checkpoint.py documents
-        "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
+        "draw", "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
     method, _ = load_method(str(run / "last.pt"))
     assert all(torch.isfinite(p).all() for p in method.parameters())
     # Resumed with a learning rate that blows the weights up: stopped, named, nothing written.
