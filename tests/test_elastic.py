@@ -3,6 +3,8 @@ state carried, the epoch's remaining steps streamed from fresh draws. Real torch
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_train import STEPS_PER_EPOCH, losses, tiny_recipe, write_speech_set
+from test_train import STEPS_PER_EPOCH, descendants, finish, losses, tiny_recipe, wait_for, write_speech_set
 from voxstream.model.checkpoint import read_checkpoint
 from voxstream.model.preflight import rescale_batch
 from voxstream.model.recipe import load_recipe
@@ -97,3 +99,28 @@ def test_a_draw_seeds_the_epochs_streams_afresh(speech, tmp_path):
     plain, drawn = keys(0), keys(4)
     assert len(drawn) == STEPS_PER_EPOCH - 4 and drawn == keys(4)
     assert drawn != plain and plain == [b.keys for b in make_loader(data, 0, 0, 1)][4:]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_from_the_newest_checkpoint(speech, tmp_path):
+    recipe, out = moco_recipe(tmp_path, speech), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(ROOT / "tools" / "train.py"), "--config", str(recipe), "train.epochs=6"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: (out / "ckpt-00000004.pt").exists(), proc)
+    rank1 = next(pid for pid in descendants(proc.pid) if "LOCAL_RANK=1" in environ(pid))
+    os.kill(rank1, signal.SIGKILL)  # a crash: no chance to save
+    log = finish(proc, timeout=180)
+    resumed = [int(m) for m in re.findall(r"resuming from \S+ at step (\d+)", log)]
+    assert len(resumed) == 1 and resumed[0] >= 4, log[-3000:]
+    last = read_checkpoint(str(out / "last.pt"))
+    assert last["step"] == 6 * STEPS_PER_EPOCH and resumed[0] < last["step"]
+    assert sorted(losses(out)) == list(range(1, 6 * STEPS_PER_EPOCH + 1))  # every step once, none lost
+
+
+def environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
