@@ -9,7 +9,9 @@ Layout (format 1), as the trainer writes it:
     step        optimizer steps done; the data stream's position and the LR/WD schedules follow from it
     world_size  the number of ranks that wrote it
     ranks       per rank: {"step", "rng": {"torch", "numpy", "python", "augment", and "cuda" on CUDA}};
-                a resume on another number of ranks starts fresh RNG states
+                on another number of ranks, the ranks the checkpoint lacks start from their own seeds
+    draw        0, or the step at which the epoch in progress was resumed on another number of ranks:
+                the seed of its remaining streams (pipeline/batches.py); absent in older checkpoints
 
 Files in a run's out_dir: `ckpt-<step:08d>.pt` every train.ckpt_every steps (the last K kept) and
 `last.pt` when training completes. `last.pt`, when present, is always the newest: a run resumed

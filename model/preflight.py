@@ -1,9 +1,11 @@
 """What a training run checks and prepares before its first step, each failure one line naming its
 key: the outputs can be written, the classes fit the labels, the checkpoint to resume from is intact,
-the encoder to fine-tune from holds the right network, SSPS can index the training set."""
+the batch of a resume on another number of ranks, the encoder to fine-tune from holds the right
+network, SSPS can index the training set."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from typing import Iterator
 
@@ -97,6 +99,25 @@ def read_intact(url: str, storage_options: dict) -> dict:
     if bad:
         raise CheckpointError(f"{url}: {bad} is not finite")
     return ckpt
+
+
+def rescale_batch(recipe: Recipe, ckpt: dict, world: int) -> Recipe:
+    """The recipe a checkpoint of another world size resumes with: the checkpoint's global batch kept,
+    each rank taking its share, where the new number of ranks divides it; otherwise the recipe's per-rank
+    batch, and the global batch changes. Rank 0 says which in one line."""
+    was, per_rank = ckpt["world_size"], recipe.data.batch_size
+    total = ckpt["recipe"]["data"]["batch_size"] * was
+    if total % world == 0:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, batch_size=total // world))
+        change = f"global batch {total} kept, {total // world} per rank"
+    else:
+        change = (f"global batch {total} does not divide by {world}, so it becomes {per_rank * world} "
+                  f"({per_rank} per rank): the learning rate is not rescaled, and the in-batch negatives and "
+                  f"batch statistics change with it")
+    fresh = "; the epoch's remaining steps stream fresh draws" if ckpt["step"] % recipe.data.steps_per_epoch else ""
+    if distributed.rank() == 0:
+        print(f"resuming on {world} rank(s) from {was}: {change}{fresh}", file=sys.stderr)
+    return recipe
 
 
 def initial_encoder(recipe: Recipe) -> nn.Module:

@@ -5,8 +5,11 @@ augmentation draw there, the method returns (loss, stats), then backward, clip, 
 the method's own after-step update (EMA teachers, queues). Everything a step depends on is in the
 checkpoint (weights, optimizer, method buffers, step, RNG states; the stream position and the LR/WD
 schedules follow from the step), so a run that was killed and resumed follows the trajectory of one
-that was not. What the loop carries between steps is one LoopState; SIGTERM is a StopRequest that
-the run installs and removes. What a run checks before its first step is in model/preflight.py.
+that was not. A resume on another number of ranks keeps the global batch where it divides
+(preflight.rescale_batch), carries the method state (replicated on every rank), the RNG states of the
+ranks both worlds have, and streams the epoch's remaining steps from fresh draws. What the loop
+carries between steps is one LoopState; SIGTERM is a StopRequest that the run installs and removes.
+What a run checks before its first step is in model/preflight.py.
 
 With `ssps.enabled` (model/ssps.py) the loader adds a clean reference crop as the last view: SSPS
 embeds it and draws the step's positives before the step, and queues both after it; its state is
@@ -34,7 +37,7 @@ from voxstream.model.checkpoint import first_nonfinite, load_weights, save_check
 from voxstream.model.logs import Meter, MetricsLog
 from voxstream.model.methods import build_method
 from voxstream.model.preflight import (TrainingError, build_ssps, check_classes, check_outputs, find_resume,
-                                       initial_encoder, storage_errors)
+                                       initial_encoder, rescale_batch, storage_errors)
 from voxstream.model.recipe import OptimConfig, Recipe, RecipeError, TrainConfig, recipe_to_dict
 from voxstream.model.report import write_report
 from voxstream.model.schedules import cosine, warmup_cosine
@@ -84,6 +87,7 @@ class LoopState:
     step: int                      # optimizer steps done
     lr: float = 0.0                # the schedules of the latest step, logged with its interval
     weight_decay: float = 0.0
+    draw: int = 0                  # make_loader's draw for this epoch: 0, or the step of a resume on another world size
     last_good: str | None = None   # newest checkpoint written or resumed from, named when training diverges
 
     def diverged(self, what: str) -> TrainingError:
@@ -229,7 +233,7 @@ def write_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.O
     saved = None
     if distributed.rank() == 0:  # an out_dir in a bucket rides out an outage like the data does (atomic writes)
         ckpt = {"recipe": recipe_to_dict(recipe), "method": method.state_dict(), "step": step,
-                "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world,
+                "optimizer": optimizer.state_dict(), "ranks": ranks, "world_size": world, "draw": state.draw,
                 **({"ssps": ssps.state_dict()} if ssps else {})}
         saved = storage.Retry().call(lambda: save_checkpoint(ckpt, cfg.out_dir, final, cfg.keep_last,
                                                              cfg.storage_options), f"write a checkpoint to {cfg.out_dir}")
@@ -258,12 +262,18 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         check_outputs(recipe)
     with storage_errors("data.labels"):
         check_classes(recipe)
-    steps_per_epoch, utterances_per_step = data.steps_per_epoch, data.batch_size * world
-    total, warmup = cfg.epochs * steps_per_epoch, round(optim.warmup_epochs * steps_per_epoch)
     with storage_errors("--resume" if isinstance(resume, str) else "train.out_dir"):
         url, ckpt = find_resume(recipe, resume)
+    elastic = ckpt is not None and ckpt["world_size"] != world
+    if elastic:
+        recipe = rescale_batch(recipe, ckpt, world)
+        data = recipe.data
+    steps_per_epoch, utterances_per_step = data.steps_per_epoch, data.batch_size * world
+    total, warmup = cfg.epochs * steps_per_epoch, round(optim.warmup_epochs * steps_per_epoch)
     start_step = ckpt["step"] if ckpt else 0
     epoch, skip = divmod(start_step, steps_per_epoch)
+    # The stream of a resume mid-epoch: the checkpoint's own, or fresh draws on another world size.
+    draw = 0 if not skip else start_step if elastic else ckpt.get("draw", 0)
     with storage_errors("augment.cpu"):  # its shard sets become local folders once, before any worker starts
         try:
             cpu_augment = prepare_cpu_augment(recipe.augment.cpu, default_cache_dir(cfg.out_dir),
@@ -272,7 +282,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
             raise RecipeError(str(e)) from None
     with storage_errors("data.train"):  # unreadable data fails here, before the model is built
         loader = make_loader(data, epoch, rank, world, start_step=skip, cpu_augment=cpu_augment,
-                             reference_seconds=recipe.ssps.ref_seconds if recipe.ssps.enabled else 0.0)
+                             reference_seconds=recipe.ssps.ref_seconds if recipe.ssps.enabled else 0.0, draw=draw)
         ssps = build_ssps(recipe, loader, total, device)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -290,10 +300,8 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         optimizer.load_state_dict(ckpt["optimizer"])
         if ssps:
             ssps.load_state_dict(ckpt["ssps"])
-        if ckpt["world_size"] == world:
+        if rank < ckpt["world_size"]:  # a rank the checkpoint lacks keeps its own seed, used by no rank before
             set_rng_state(ckpt["ranks"][rank]["rng"], augmenter)
-        elif rank == 0:
-            print(f"resuming on {world} ranks from {ckpt['world_size']}: fresh RNG states", file=sys.stderr)
         del ckpt
     model = nn.parallel.DistributedDataParallel(
         method, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_dist() else method
@@ -309,13 +317,13 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
               f"{device.type}, out_dir {cfg.out_dir}", file=sys.stderr)
     bar = tqdm(total=total, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    state, meter, run_started = LoopState(start_step, last_good=url), Meter(device), time.perf_counter()
+    state, meter, run_started = LoopState(start_step, draw=draw, last_good=url), Meter(device), time.perf_counter()
     stop = StopRequest.install()  # this run's SIGTERM handler, until `finally` restores the previous one
     try:
         while state.step < total:
             read_retries: list[int] = []  # one entry a retry of this epoch's manifest reads, logged with the stream's
             if loader is None:  # the first epoch's was made before the model, to fail fast; later ones
-                epoch = state.step // steps_per_epoch  # re-read the manifests, so they ride out an outage
+                epoch, state.draw = state.step // steps_per_epoch, 0  # re-read the manifests, to ride out an outage
                 loader = data.retry.call(lambda: make_loader(
                     data, epoch, rank, world, start_step=0, cpu_augment=cpu_augment,
                     reference_seconds=ssps.cfg.ref_seconds if ssps else 0.0), f"read data.train for epoch {epoch}",

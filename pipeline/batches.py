@@ -12,7 +12,9 @@ batches. No state crosses a chunk boundary, so `start_step=k` restarts at the ch
 and replays at most `chunk_steps - 1` batches per stream: the batches from k on equal a fresh
 loader's (same workers, batch size and world size). Every rank and worker reads a different order
 that changes every epoch, and no rank can run dry: streams resample shards forever, whatever their
-number and sizes.
+number and sizes. A `draw` > 0 adds itself to every seed: the trainer sets it when a run resumes
+mid-epoch on another number of ranks, whose streams could not skip what the old ranks read, so the
+epoch's remaining steps come from fresh draws instead.
 
 Items. Each item holds its crops (one per view), its key, group, label, global index and speaker
 (pipeline/views.py), and, when the plan asks for `reference_seconds` (SSPS), one more clean crop of
@@ -118,6 +120,7 @@ class Plan:
     start_step: int
     cpu_augment: list[dict] = field(default_factory=list)  # prepared augment.cpu entries (pipeline/cpu_augment.py)
     reference_seconds: float = 0.0  # > 0: each item also gets a clean crop this long of its own utterance (SSPS)
+    draw: int = 0  # > 0: the epoch's streams are seeded afresh with it (a resume on another world size)
 
     @property
     def reference_frames(self) -> int:
@@ -177,7 +180,8 @@ def stream_batches(plan: Plan, worker: int, workers: int) -> Iterator[tuple[list
     labels = read_labels(cfg.labels, cfg.storage_options) if cfg.labels else None  # hashes and labels only
     cpu0, sampled = time.process_time(), -_SMAPS_EVERY_S
     while count:
-        rng = np.random.default_rng([cfg.seed, plan.epoch, plan.rank, stream, chunk])
+        seed = [cfg.seed, plan.epoch, plan.rank, stream, chunk] + ([plan.draw] if plan.draw else [])
+        rng = np.random.default_rng(seed)
         augment_seeds = rng.spawn(1)[0]  # a child generator: the crops stay those drawn without augmentation
         for i, items in enumerate(_chunk(cfg, plan.corpora, plan.weights, labels, plan.reference_frames, rng, stats)):
             seeds = augment_seeds.integers(2**32, size=len(items))  # skipped batches draw too: resume replays them

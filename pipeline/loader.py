@@ -108,8 +108,9 @@ class Loader:
 
 
 def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_step: int = 0,
-                cpu_augment: list[dict] | None = None, reference_seconds: float = 0.0) -> Loader:
-    """The batches of one rank's epoch; `start_step` resumes mid-epoch (see pipeline/batches.py).
+                cpu_augment: list[dict] | None = None, reference_seconds: float = 0.0, draw: int = 0) -> Loader:
+    """The batches of one rank's epoch; `start_step` resumes mid-epoch, `draw` > 0 seeds its streams
+    afresh (see pipeline/batches.py).
     `cpu_augment`: the recipe's `augment.cpu` as `prepare_cpu_augment` returns it (its shard sets
     already copied to local folders), run on every view's crop in the streams (pipeline/cpu_augment.py).
     `reference_seconds` > 0: every item gets one more view, that long, cropped from its own utterance
@@ -123,7 +124,7 @@ def make_loader(cfg: DataConfig, epoch: int, rank: int, world_size: int, start_s
     corpora, weights = resolve_all(cfg.train, cfg.weights, cfg.storage_options)
     if cfg.labels:
         check_labels(cfg.labels, corpora, cfg.storage_options)
-    plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []), reference_seconds)
+    plan = Plan(cfg, corpora, weights, epoch, rank, start_step, list(cpu_augment or []), reference_seconds, draw)
     return Loader(plan, cfg.steps_per_epoch - start_step)
 
 

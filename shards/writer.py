@@ -7,6 +7,11 @@ the inputs and the parameters: an interrupted run can keep its finished shards a
 
 Progress lives in `_progress.json` beside the shards (rewritten after every shard); the manifest is
 written last and the progress file removed, so a manifest always means a complete set.
+
+Across machines: part i of n encodes the i-th of n contiguous slices of the plan's groups into a shard
+set of its own under `_parts/` (resumable like any set, finished when its manifest exists), and
+`finalize_parts` packs the parts' samples, in plan order, into the shards and manifest a one-machine
+run writes: the same greedy cuts over the same bytes, without encoding anything again.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from itertools import groupby
 from typing import Iterator
 
 import numpy as np
@@ -27,10 +33,11 @@ from voxstream.shards import storage
 from voxstream.shards.audio import Rejected, check, cut_points, to_16k
 from voxstream.shards.corpora import BadInput, Listing, Reader, Recording
 from voxstream.shards.format import MANIFEST, REJECTED, SAMPLE_RATE, Manifest, Sample, build_shard, encode_flac, \
-    sample_key, read_manifest, shard_name, write_manifest
+    flac_intact, iter_samples, sample_key, read_manifest, shard_name, write_manifest
 from voxstream.shards.storage import Retry
 
 PROGRESS = "_progress.json"
+PARTS = "_parts"
 
 
 @dataclass
@@ -230,12 +237,33 @@ def check_destination(cfg: WriteConfig) -> None:
                        "pass --resume to continue that run, or choose a fresh --out")
 
 
-def write_shards(listing: Listing, cfg: WriteConfig) -> tuple[Manifest, list[dict]]:
-    """Shard a listing to cfg.out; returns the manifest written and the rejections (listing's first)."""
+def part_url(out: str, part: int, parts: int) -> str:
+    """Where part `part` of `parts` writes its shard set."""
+    return storage.join(out, PARTS, f"{part:05d}-of-{parts:05d}")
+
+
+def _planned(listing: Listing, cfg: WriteConfig) -> tuple[WriteConfig, list[list[Recording]], dict]:
+    """(cfg with its prefix, the plan's groups, the parameters the manifest records) of a listing."""
     cfg = replace(cfg, prefix=cfg.prefix or listing.corpus)
     groups = plan(listing.items, cfg.seed)
     params = {**listing.params, "seed": cfg.seed, "shard_size": cfg.shard_size, "min_duration": cfg.min_duration,
               "max_duration": cfg.max_duration, "inputs": len(listing.items), "groups": len(groups)}
+    return cfg, groups, params
+
+
+def _share(groups: list[list[Recording]], part: int, parts: int) -> list[list[Recording]]:
+    return groups[part * len(groups) // parts:(part + 1) * len(groups) // parts]
+
+
+def write_shards(listing: Listing, cfg: WriteConfig, part: tuple[int, int] | None = None
+                 ) -> tuple[Manifest, list[dict]]:
+    """Shard a listing to cfg.out; returns the manifest written and the rejections (listing's first).
+    `part=(i, n)`: only the i-th of n slices of the plan, as a set of its own at part_url (finalize_parts)."""
+    cfg, groups, params = _planned(listing, cfg)
+    skipped = listing.skipped
+    if part:
+        cfg, groups, skipped = replace(cfg, out=part_url(cfg.out, *part)), _share(groups, *part), []
+        params["part"] = list(part)
     progress = _Progress(cfg, fingerprint(listing, groups, params))
     params["plan"] = progress.fingerprint
     manifest = Manifest(corpus=listing.corpus, prefix=cfg.prefix, params=params)
@@ -249,17 +277,69 @@ def write_shards(listing: Listing, cfg: WriteConfig) -> tuple[Manifest, list[dic
     spec = EncodeSpec(listing.corpus, listing.reader, listing.params.get("root"), cfg.min_duration, cfg.max_duration)
     with logging_redirect_tqdm():  # retry warnings print above the progress bar, not through it
         _encode_and_pack(groups, start, spec, cfg, progress)
-    rejected = listing.skipped + [r for _, r in progress.rejected]
+    rejected = skipped + [r for _, r in progress.rejected]
+    return _finish(cfg, manifest, progress, rejected, empty=part is not None), rejected
+
+
+def _finish(cfg: WriteConfig, manifest: Manifest, progress: _Progress, rejected: list[dict], empty: bool = False
+            ) -> Manifest:
+    """Write rejected.jsonl, then the manifest of the shards in `progress`; remove the progress file.
+    A set without shards is an error unless `empty` (a part may reject all of its few inputs)."""
     lines = "".join(json.dumps(r) + "\n" for r in rejected).encode()
     storage.write_bytes(storage.join(cfg.out, REJECTED), lines, cfg.storage_options)
-    if not progress.shards:
+    if not progress.shards and not empty:
         raise BadInput(f"no usable audio: all {len(rejected)} inputs rejected, see {storage.join(cfg.out, REJECTED)}")
     manifest.params["rejected"] = len(rejected)
     manifest.shards = [{k: v for k, v in s.items() if k != "ends_at"} for s in progress.shards]
     write_manifest(cfg.out, manifest, cfg.storage_options)
-    fs, path = storage.filesystem(progress.url, cfg.storage_options)
-    fs.rm(path)
+    if storage.exists(progress.url, cfg.storage_options):  # a part without shards never wrote one
+        fs, path = storage.filesystem(progress.url, cfg.storage_options)
+        fs.rm(path)
+    return manifest
+
+
+def finalize_parts(listing: Listing, cfg: WriteConfig, parts: int) -> tuple[Manifest, list[dict]]:
+    """Pack the `parts` finished parts of a listing's plan into cfg.out, as write_shards would have in one
+    run, then remove them. A part missing or made from other inputs or parameters is a BadInput naming it."""
+    cfg, groups, params = _planned(listing, cfg)
+    urls = [part_url(cfg.out, i, parts) for i in range(parts)]
+    for i, url in enumerate(urls):
+        if not storage.exists(storage.join(url, MANIFEST), cfg.storage_options):
+            raise BadInput(f"--finalize {parts}: part {i}/{parts} is not finished (no manifest in {url}); "
+                           f"run it, with --resume if it was interrupted")
+        made = fingerprint(listing, _share(groups, i, parts), {**params, "part": [i, parts]})
+        if read_manifest(url, cfg.storage_options).params.get("plan") != made:
+            raise BadInput(f"--finalize {parts}: {url} was made from other inputs or parameters")
+    progress = _Progress(cfg, fingerprint(listing, groups, params))
+    params["plan"] = progress.fingerprint
+    done = finished_or_tidied(cfg, progress.fingerprint)
+    if done is not None:
+        return done, read_rejections(cfg)
+    packer, rejected, gi = _Packer(cfg, progress), list(listing.skipped), 0
+    try:
+        for url in urls:
+            rejected += read_rejections(replace(cfg, out=url))
+            for _, group in groupby(_part_samples(url, cfg.storage_options), key=lambda s: s.meta["group"]):
+                packer.add_group(gi, list(group))
+                gi += 1
+        packer.flush(ends_at=gi)
+        packer.wait()
+    finally:
+        packer.writer.shutdown(wait=True)
+    manifest = _finish(cfg, Manifest(corpus=listing.corpus, prefix=cfg.prefix, params=params), progress, rejected)
+    fs, path = storage.filesystem(storage.join(cfg.out, PARTS), cfg.storage_options)
+    fs.invalidate_cache(path)  # object-store listings are cached per filesystem instance
+    fs.rm(path, recursive=True)
     return manifest, rejected
+
+
+def _part_samples(url: str, storage_options: dict) -> Iterator[Sample]:
+    """A part's samples in order, their metadata as encoded (build_shard adds position and crc32 again)."""
+    for shard in read_manifest(url, storage_options).shards:
+        for key, meta, flac in iter_samples(storage.join(url, shard["name"]), storage_options):
+            if not flac_intact(meta, flac):
+                raise BadInput(f"{url}/{shard['name']}: {key}: FLAC bytes fail their crc32; rerun that part")
+            yield Sample(key, {k: v for k, v in meta.items() if k not in ("position", "crc32")}, flac)
 
 
 def _resume(cfg: WriteConfig, progress: _Progress) -> Manifest | int:

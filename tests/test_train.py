@@ -241,7 +241,7 @@ def test_one_process_run_then_a_diverging_one_stops_without_a_checkpoint(local_s
     assert "**LEARNED**" in (run / "report.md").read_text() or "**DID NOT LEARN**" in (run / "report.md").read_text()
     assert (run / "report.png").stat().st_size > 0, "a finished run writes its report"
     assert sorted(read_checkpoint(str(run / "last.pt"))) == [  # the layout checkpoint.py documents
-        "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
+        "draw", "format", "method", "optimizer", "ranks", "recipe", "step", "world_size"]
     method, _ = load_method(str(run / "last.pt"))
     assert all(torch.isfinite(p).all() for p in method.parameters())
     # Resumed with a learning rate that blows the weights up: stopped, named, nothing written.

@@ -7,12 +7,18 @@
     python tools/make_shards.py folder       --root DIR --out URL [--pattern REGEX] [--max-duration S]
     python tools/make_shards.py regroup      --in URL --labels FILE --out URL
     python tools/make_shards.py verify URL
+
+On several machines, each corpus subcommand runs as part i of n (`--part i/n`, for job arrays; under
+torchrun RANK/WORLD_SIZE give it, and rank 0 finalizes once every part has finished), then once
+with `--finalize n`: the result equals a one-machine run's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +27,9 @@ from voxstream.shards import corpora
 from voxstream.shards.regroup import regroup
 from voxstream.shards.storage import NETWORK, Retry
 from voxstream.shards.verify import verify
-from voxstream.shards.writer import WriteConfig, write_shards
+from voxstream.shards.format import MANIFEST
+from voxstream.shards.storage import exists, join
+from voxstream.shards.writer import WriteConfig, finalize_parts, part_url, write_shards
 
 
 def _size(text: str) -> int:
@@ -33,6 +41,22 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
     return value
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= I < N")
+    return part, parts
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of parts >= 1")
+    return int(text)
 
 
 def _options(text: str) -> dict:
@@ -68,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--root", required=True, help="source directory")
         p.add_argument("--min-duration", type=float, default=min_duration, help="reject shorter inputs (s)")
         p.add_argument("--corpus", help="corpus name in keys and metadata")
+        split = p.add_mutually_exclusive_group()
+        split.add_argument("--part", type=_part, metavar="I/N", help="write only part I of N of the plan "
+                           "(one task of a job array; under torchrun RANK/WORLD_SIZE)")
+        split.add_argument("--finalize", type=_positive, metavar="N", help="assemble the N finished parts")
         return p
 
     add("voxceleb", "VoxCeleb1/2: <id>/<video>/<n>.wav|m4a", 0.5).add_argument(
@@ -130,8 +158,27 @@ def run_regroup(args: argparse.Namespace) -> int:
     return 0
 
 
+def torchrun_part() -> tuple[int, int] | None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ["RANK"]), world) if world > 1 else None
+
+
 def run_write(args: argparse.Namespace) -> int:
-    manifest, rejected = write_shards(listing(args), write_config(args))
+    cfg, part = write_config(args), getattr(args, "part", None) or torchrun_part()
+    if getattr(args, "finalize", None):
+        manifest, rejected = finalize_parts(listing(args), cfg, args.finalize)
+    elif part:
+        manifest, rejected = write_shards(listing(args), cfg, part)
+        print(f"part {part[0]}/{part[1]}: {len(manifest.shards)} shards, {manifest.samples} samples in "
+              f"{part_url(args.out, *part)}")
+        if getattr(args, "part", None) or part[0] != 0:
+            return 0
+        for i in range(part[1]):  # torchrun's rank 0 finalizes once every rank's part is finished
+            while not exists(join(part_url(args.out, i, part[1]), MANIFEST), args.storage_options):
+                time.sleep(2.0)
+        manifest, rejected = finalize_parts(listing(args), cfg, part[1])
+    else:
+        manifest, rejected = write_shards(listing(args), cfg)
     print(f"{manifest.corpus}: {len(manifest.shards)} shards, {manifest.samples} samples, "
           f"{manifest.seconds / 3600:.2f} h in {args.out}; {len(rejected)} inputs rejected")
     for reason, n in Counter(r["reason"].split(":")[0] for r in rejected).most_common():
