@@ -21,3 +21,22 @@ def test_pipeline_bench_reports_every_figure_against_its_baseline():
     assert rows["synthetic_local_pairs_per_core"]["pairs"] == 16 * 2 * 8  # whole chunks of both workers
     # the pipeline's workers never import torch; the baseline's DataLoader workers are forks of this process
     assert rows["synthetic_local_peak_rss_per_worker_mb"]["value"] < rows["synthetic_local_peak_rss_per_worker_mb"]["baseline"]
+
+
+def test_gpu_bench_dry_run_on_cpu_writes_every_figure_with_its_target(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, "tools/bench.py", "gpu", "--device", "cpu", "--out", str(out), "--tiny",
+                    "--crops", "8", "--seconds", "0.5", "--simclr-batch", "2", "--dino-batch", "2", "--steps", "1",
+                    "--warmup", "0", "--no-compile", "--run-steps", "4", "--workers", "1", "--utterances", "16"],
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    figures = report["figures"]
+    assert set(figures) == {"augment_ms", "simclr_step_ms", "dino_step_ms", "run_data_wait"}  # compiled: --no-compile
+    for name, figure in figures.items():
+        assert "target" in figure, name
+        for key in ("value", "peak_memory_mb") + (("workers_needed", "utt_per_worker_cpu_s") if name == "run_data_wait"
+                                                   else ()):
+            assert isinstance(figure[key], (int, float)) and figure[key] > 0, (name, key, figure)
+    assert figures["dino_step_ms"]["views_s"] == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5]  # 2 x 2s + 4 x s
+    assert figures["run_data_wait"]["value"] < 1
