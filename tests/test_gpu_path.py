@@ -64,8 +64,10 @@ def test_bf16_on_cpu_is_an_opt_in_beside_bf16():
 @pytest.mark.parametrize("name", EVERY_METHOD)
 def test_a_bf16_step_keeps_fbank_and_augmentation_fp32_and_the_loss_near_fp32(name, banks):
     """The same weights, batch and augmentation draws, one step in fp32 and one under the trainer's CPU
-    bf16 autocast. bf16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.4 %), and each of the
-    encoder's ~20 layers rounds its inputs: the loss may move by a few per cent, never more than 5 %."""
+    bf16 autocast. bf16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.4 %) and the encoder's
+    layers round their inputs one after the other: the losses differ by up to 0.8 % (Barlow Twins;
+    0.04 % for SwAV), and 2 % is allowed.
+    """
     dtypes: dict[str, set] = {"fbank": set(), "augmented": set(), "net": set()}
     losses = {}
     for bf16 in (False, True):
@@ -80,7 +82,7 @@ def test_a_bf16_step_keeps_fbank_and_augmentation_fp32_and_the_loss_near_fp32(na
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values()), stats
         losses[bf16] = loss.item()
     assert dtypes == {"fbank": {torch.float32}, "augmented": {torch.float32}, "net": {torch.bfloat16}}
-    assert losses[True] == pytest.approx(losses[False], rel=0.05)
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
 
 
 # --- torch.compile ------------------------------------------------------------------------------
