@@ -192,6 +192,13 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> Non
         group["lr"], group["weight_decay"] = lr, wd if group["decay"] else 0.0
 
 
+def autocast_for(device: torch.device, cfg: TrainConfig) -> torch.autocast:
+    """The step's precision: bf16 autocast on CUDA when train.bf16, on CPU only with train.bf16_cpu too;
+    otherwise a disabled autocast (fp32). The fbank front-end and the augmentation run in fp32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=cfg.bf16 and (device.type == "cuda" or cfg.bf16_cpu))
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter, views: list[torch.Tensor],
                groups: torch.Tensor, autocast: torch.autocast, grad_clip: float,
                positives: Positives | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -307,7 +314,7 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         method, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_dist() else method
     if cfg.compile:
         model = torch.compile(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    autocast = autocast_for(device, cfg)
 
     log = (MetricsLog(cfg.out_dir, cfg.storage_options, start_step if url else None, cfg.tensorboard)
            if rank == 0 else None)

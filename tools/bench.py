@@ -1,8 +1,9 @@
-"""Benchmarks: `python tools/bench.py {pipeline,augment,train,all} ...`, one JSON line per figure.
+"""Benchmarks: `python tools/bench.py {pipeline,augment,train,gpu,all} ...`, one JSON line per figure.
 
-Each figure is measured against its simple baseline in the same run. The suites live beside this
-file (bench_pipeline.py, bench_augment.py, bench_train.py); each has add_arguments(parser) and
-run(args) -> list[dict].
+Each figure is measured against its simple baseline in the same run; `gpu` is the one command for a
+GPU node, its figures against the targets for one GPU (also written to one JSON file). The suites
+live beside this file (bench_pipeline.py, bench_augment.py, bench_train.py, bench_gpu.py); each has
+add_arguments(parser) and run(args) -> list[dict].
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SUITES = ("pipeline", "augment", "train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
-    for name in SUITES:
+    for name in (*SUITES, "gpu"):
         importlib.import_module(f"bench_{name}").add_arguments(sub.add_parser(name))
     all_parser = sub.add_parser("all", help="every suite with its defaults, one JSON file")
     all_parser.add_argument("--out", default="bench-out")

@@ -23,6 +23,11 @@ from voxstream.shards.format import SAMPLE_RATE as SR
 NOISE_AND_REVERB = dict(p_none=0.0, p_reverb=0.0, p_noise=0.0, p_both=1.0)
 
 
+def noise_and_reverb(noise_url: str, rir_url: str) -> AugmentConfig:
+    """Every crop reverberated, then mixed with one noise clip (0-15 dB): the work the figures time."""
+    return AugmentConfig(noise=noise_url, rir=rir_url, p_categories=[1.0, 0.0, 0.0], **NOISE_AND_REVERB)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", default="", help="MUSAN-format shard set URL (default: generated)")
     parser.add_argument("--rir", default="", help="RIR shard set URL (default: generated)")
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         noise_url, rir_url = (args.noise, args.rir) if args.noise and args.rir else generate_sets(Path(tmp), args.seed)
         length = round(args.seconds * SR)
         shape = dict(batch=args.batch, views=args.views, seconds=args.seconds)
-        same = AugmentConfig(noise=noise_url, rir=rir_url, p_categories=[1.0, 0.0, 0.0], **NOISE_AND_REVERB)
+        same = noise_and_reverb(noise_url, rir_url)
         kaldi = AugmentConfig(noise=noise_url, rir=rir_url, **NOISE_AND_REVERB)
         g = torch.Generator().manual_seed(args.seed)
         views = [0.1 * torch.randn(args.batch, length, generator=g) for _ in range(args.views)]
