@@ -17,13 +17,28 @@ def setup_distributed() -> tuple[torch.device, dist.ProcessGroup | None]:
     """
     if "RANK" not in os.environ:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    timeout = timedelta(minutes=30)
+    join = dict(timeout=timeout, store=attempt_store(timeout), rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl", device_id=device, **join)
         return device, dist.new_group(backend="gloo")
-    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    dist.init_process_group("gloo", **join)
     return torch.device("cpu"), dist.group.WORLD
+
+
+def attempt_store(timeout: timedelta) -> dist.Store | None:
+    """torchrun's own store, seen through a prefix per restart of the group (`--max-restarts`).
+
+    The agent's store keeps the keys of the attempt before: a restarted rank that starts first reads
+    the dead rank's gloo address there and fails (connection refused) or waits on it. None where the
+    agent does not serve the store (env:// then joins as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"voxstream/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_dist() -> bool:
