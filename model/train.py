@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from voxstream.model import distributed
 from voxstream.model.checkpoint import first_nonfinite, load_weights, save_checkpoint
+from voxstream.model.encoders import compile_encoders
 from voxstream.model.logs import Meter, MetricsLog
 from voxstream.model.methods import build_method
 from voxstream.model.preflight import (TrainingError, build_ssps, check_classes, check_outputs, find_resume,
@@ -310,10 +311,10 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
         if rank < ckpt["world_size"]:  # a rank the checkpoint lacks keeps its own seed, used by no rank before
             set_rng_state(ckpt["ranks"][rank]["rng"], augmenter)
         del ckpt
+    if cfg.compile:
+        compile_encoders(method)
     model = nn.parallel.DistributedDataParallel(
         method, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_dist() else method
-    if cfg.compile:
-        model = torch.compile(model)
     autocast = autocast_for(device, cfg)
 
     log = (MetricsLog(cfg.out_dir, cfg.storage_options, start_step if url else None, cfg.tensorboard)

@@ -27,8 +27,9 @@ import torch
 
 from bench_augment import crops_per_s, generate_sets, noise_and_reverb
 from bench_pipeline import generate
-from bench_train import ENCODERS, compile_encoders, precision, time_steps, train_step, views_for
+from bench_train import ENCODERS, precision, time_steps, train_step, views_for
 from voxstream.model import train
+from voxstream.model.encoders import compile_encoders
 from voxstream.model.methods import build_method
 from voxstream.model.recipe import recipe_from_dict
 from voxstream.pipeline.augment import Augmenter

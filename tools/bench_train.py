@@ -14,7 +14,7 @@ import time
 import torch
 
 from voxstream.model import train
-from voxstream.model.encoders import Encoder
+from voxstream.model.encoders import compile_encoders
 from voxstream.model.methods import METHODS, build_method
 from voxstream.model.recipe import TrainConfig, recipe_from_dict
 from voxstream.pipeline.augment import AugmentConfig, Augmenter
@@ -81,13 +81,6 @@ def train_step(module, views, device: torch.device, cfg: TrainConfig, after_step
         if after_step:
             after_step(1, 100)
     return step
-
-
-def compile_encoders(method: torch.nn.Module) -> None:
-    """torch.compile every encoder (student and teacher) in place, as the GPU figures do."""
-    for module in method.modules():
-        if isinstance(module, Encoder):
-            module.compile()
 
 
 class BareEncoder(torch.nn.Module):

@@ -35,6 +35,15 @@ class Encoder(nn.Module):
         return self.net(self.features(wave))
 
 
+def compile_encoders(module: nn.Module) -> None:
+    """torch.compile every encoder inside `module` (student and teacher) in place. The methods' own
+    Python-side state (queues and their pointers, SSPS swaps) stays eager, and the state_dict keys
+    stay those of the eager module, so checkpoints do not depend on train.compile."""
+    for m in module.modules():
+        if isinstance(m, Encoder):
+            m.compile()
+
+
 def build_encoder(cfg: EncoderConfig) -> Encoder:
     if cfg.name not in NETWORKS:
         raise ValueError(f"model.name={cfg.name!r} is not an encoder; choose one of {sorted(NETWORKS)}")
