@@ -8,6 +8,9 @@ skipping the shards it already embedded):
 
     RUN/stage0-ssl/train/     the first model (train.out_dir; last.pt: done)
     RUN/roundK/labels.npz     pseudo-speakers from the previous model (labels-work/: its embeddings)
+    RUN/roundK/shards/        with a cross-utterance round recipe (data.mode=cross-utterance): the set
+                              regrouped by those pseudo-speakers (make_shards.py regroup; they become its
+                              groups), so that two utterances of one pseudo-speaker meet in a shard visit
     RUN/roundK/train/         round K's model, trained on those labels (data.labels; method.classes for AAM)
     RUN/<stage>/eval/         a model's evaluation before the last (evaluate.each_stage; metrics.json: done)
     RUN/eval/                 the last model's evaluation
@@ -30,6 +33,7 @@ from pathlib import Path
 from voxstream.model.recipe import (RecipeError, apply_overrides, build_section, load_recipe, read_yaml,
                                     redact_override)
 from voxstream.shards import storage
+from voxstream.shards.format import MANIFEST
 from voxstream.shards.labels import read_labels
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
@@ -132,6 +136,7 @@ class Stage:
     overrides: list[str]            # the chain's and the recipe's, then the ones the chain sets
     steps: int
     labels: Path | None = None      # the pseudo-labels it trains on (rounds only)
+    regrouped: Path | None = None   # the shard set regrouped by those labels (cross-utterance rounds only)
 
     @property
     def checkpoint(self) -> Path:
@@ -162,14 +167,20 @@ def _stage(cfg: ChainConfig, stage: StageConfig, key: str, name: str, run: Path,
         overrides.append(f"data.labels={labels}")
         if cfg.rounds.fine_tune:
             overrides.append(f"train.init={previous}")
+    regrouped = None
     try:
         recipe = load_recipe(stage.recipe, overrides)
         if labels is not None and hasattr(recipe.method, "classes"):  # a method over classes (AAM)
             overrides.append(f"method.classes={cfg.labels.clusters or cfg.labels.kmeans}")
-            recipe = load_recipe(stage.recipe, overrides)
+        if labels is not None and recipe.data.mode == "cross-utterance":  # pairs need each pseudo-speaker together
+            # The regrouped set carries the labels as its groups (`label-<n>`, the names data.labels gives).
+            regrouped = folder / "shards"
+            overrides = [o for o in overrides if o != f"data.labels={labels}"] + [f"data.train={regrouped}"]
+        recipe = load_recipe(stage.recipe, overrides)
     except RecipeError as e:
         raise RecipeError(f"{key}.recipe {stage.recipe}: {e}") from None
-    return Stage(name, folder, stage.recipe, overrides, recipe.train.epochs * recipe.data.steps_per_epoch, labels)
+    return Stage(name, folder, stage.recipe, overrides, recipe.train.epochs * recipe.data.steps_per_epoch, labels,
+                 regrouped)
 
 
 def run_chain(cfg: ChainConfig, run: Path) -> dict:
@@ -181,6 +192,10 @@ def run_chain(cfg: ChainConfig, run: Path) -> dict:
         if previous is not None:
             _step(f"{stage.name}: pseudo-labels from {previous.name}", stage.labels,
                   _pseudo_label(cfg, previous.checkpoint, stage))
+        if stage.regrouped is not None:
+            _step(f"{stage.name}: regroup the set by pseudo-speaker", stage.regrouped / MANIFEST,
+                  [sys.executable, str(TOOLS / "make_shards.py"), "regroup", "--in", cfg.common.shards,
+                   "--labels", str(stage.labels), "--out", str(stage.regrouped), "--resume"])
         _step(f"{stage.name}: train {stage.recipe} ({stage.steps} steps)", stage.checkpoint,
               _launch(cfg) + [str(TOOLS / "train.py"), "--config", stage.recipe, *stage.overrides])
         if stage is stages[-1] or cfg.evaluate.each_stage:

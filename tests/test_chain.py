@@ -82,6 +82,42 @@ def test_the_demo_chain_and_its_stage_recipes_load(tmp_path, monkeypatch):
     assert not any(o.startswith("train.init=") for s in scratch for o in s.overrides)
 
 
+def cross_utterance_rounds(chain: Path, tmp_path: Path) -> Path:
+    """The chain recipe with cross-utterance SimCLR rounds instead of AAM."""
+    tree = yaml.safe_load(chain.read_text())
+    tree["rounds"]["recipe"] = str(tmp_path / "tiny.yaml")
+    tree["rounds"]["overrides"] = ["data.mode=cross-utterance"]
+    path = tmp_path / "chain-cross.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_a_cross_utterance_round_trains_on_the_set_regrouped_by_its_labels(chain, tmp_path):
+    run = tmp_path / "run"
+    first, round1 = plan(load_chain(str(cross_utterance_rounds(chain, tmp_path))), run)
+    assert first.regrouped is None and round1.regrouped == run / "round1" / "shards"
+    assert [o for o in round1.overrides if o.startswith("data.train=")][-1] == f"data.train={round1.regrouped}"
+    assert not any(o.startswith("data.labels=") for o in round1.overrides)  # the regrouped groups are the labels
+    aam_round = plan(load_chain(str(chain)), run)[1]  # AAM takes its classes from data.labels: no regrouping
+    assert aam_round.regrouped is None
+
+
+@pytest.mark.slow
+def test_a_chain_with_a_cross_utterance_round_regroups_and_draws_cross_utterance_pairs(chain, tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run(chain_command(cross_utterance_rounds(chain, tmp_path), run), cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "== round1: regroup the set by pseudo-speaker" in out.stdout
+    regrouped = sorted(s.key for url in shard_urls(str(run / "round1" / "shards")) for s in iter_samples(url))
+    original = sorted(s.key for url in shard_urls(str(tmp_path / "speech")) for s in iter_samples(url))
+    assert regrouped == original  # every utterance once
+    records = [json.loads(line) for line in (run / "round1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    pipeline = [r["pipeline"] for r in records if "pipeline" in r]
+    assert pipeline and sum(p["cross_items"] for p in pipeline) > 0  # pairs of two utterances of a pseudo-speaker
+    assert json.loads((run / "summary.json").read_text())["total_steps"] == 16
+
+
 @pytest.mark.slow
 def test_a_stopped_chain_resumes_at_the_stage_where_it_stopped(chain, tmp_path):
     run = tmp_path / "run"
