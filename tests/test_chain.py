@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import descendants, tiny_recipe, write_speech_set
+from runs import descendants, tiny_recipe, write_speech_set
 from voxstream.model.chain import _step, load_chain, plan
 from voxstream.model.recipe import RecipeError
 from voxstream.shards.format import iter_samples, shard_urls

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_train import STEPS_PER_EPOCH, descendants, finish, losses, tiny_recipe, wait_for, write_speech_set
+from runs import STEPS_PER_EPOCH, descendants, finish, losses, tiny_recipe, wait_for, write_speech_set
 from voxstream.model.checkpoint import read_checkpoint
 from voxstream.model.preflight import rescale_batch
 from voxstream.model.recipe import load_recipe

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from runs import write_banks
 from small_methods import ENCODER, METHODS, SMALL, views_for
-from test_train import write_banks
 from voices import voices
 from voxstream.model.encoders import compile_encoders
 from voxstream.model.methods import build_method

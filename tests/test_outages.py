@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runs import STEPS_PER_EPOCH, losses, one_line_error, tiny_recipe, write_speech_set
 from test_make_shards import LIBRI, corpus, samples
-from test_train import STEPS_PER_EPOCH, losses, one_line_error, tiny_recipe, write_speech_set
 from voxstream.model.recipe import RecipeError, TrainConfig, load_recipe
 from voxstream.model.preflight import check_outputs
 from voxstream.shards import format as fmt

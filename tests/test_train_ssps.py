@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_train import STEPS_PER_EPOCH, TOTAL, losses, tiny_recipe, write_speech_set
+from runs import STEPS_PER_EPOCH, TOTAL, losses, tiny_recipe, write_speech_set
 from voxstream.model.checkpoint import read_checkpoint
 from voxstream.model.recipe import RecipeError, load_recipe
 from voxstream.model.ssps import sampling_step, SSPSConfig
