@@ -70,11 +70,10 @@ class Embedder:
             waves = [self._wave(a, sample_rate, f"audio[{k}]") for k, a in enumerate(audio)]
         else:
             waves = [self._wave(audio, sample_rate, "audio")]
-        out = np.empty((len(waves), 0), dtype=np.float32)
+        rows: dict[int, np.ndarray] = {}   # extract batches by length, so rows come back out of order
         for ids, z in extract(self.network, enumerate(waves), self.options, self.device):
-            if out.shape[1] == 0:
-                out = np.zeros((len(waves), z.shape[1]), dtype=np.float32)
-            out[ids] = z
+            rows.update(zip(ids, z))
+        out = np.stack([rows[k] for k in range(len(waves))])
         return out if isinstance(audio, (list, tuple)) else out[0]
 
     @staticmethod
