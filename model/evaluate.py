@@ -154,6 +154,35 @@ def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     return {k: round(v, 6) for k, v in row.items()}
 
 
+def session_of(utt_id: str) -> str | None:
+    """The recording an id comes from: `speaker/session` of VoxCeleb's `speaker/video/utterance` ids (also
+    under a corpus prefix, as shard keys have it); None for ids without that depth."""
+    parts = PurePosixPath(utt_id).parts
+    return "/".join(parts[-3:-1]) if len(parts) >= 3 else None
+
+
+def by_session(t: Trials, scores: np.ndarray) -> dict | None:
+    """EER of the same-session and of the cross-session target trials, each kind against every non-target.
+
+    A model that leans on the recording's channel rather than the voice scores its same-session
+    targets far better than the others: the gap is the shortcut that same-utterance positives teach.
+    None when an id names no session or one kind has no target trial (the breakdown would repeat the EER).
+    """
+    pairs = [(session_of(e), session_of(u)) for e, u in zip(t.enroll, t.test)]
+    if any(s is None for pair in pairs for s in pair):
+        return None
+    same = np.array([e == u for e, u in pairs])
+    target = t.labels == 1
+    out = {}
+    for kind, chosen in (("same_session", same), ("cross_session", ~same)):
+        targets = int((target & chosen).sum())
+        if not targets:
+            return None
+        keep = ~target | chosen
+        out[kind] = {"targets": targets, "eer": round(metrics.eer(scores[keep], t.labels[keep]), 6)}
+    return out
+
+
 def read_trial_lists(paths: list[str]) -> list[Trials]:
     """Every list parsed up front, so a bad one stops the job before any embedding is computed."""
     lists = [read_trials(p) for p in paths]
@@ -197,7 +226,7 @@ def evaluate(embedder: nn.Module, cfg: EvalConfig, lists: list[Trials] | None = 
         rows = {name: _metrics(s, t.labels) for name, s in scores.items()}
         list_ids = _unique([t])
         results[t.name] = {"path": t.path, "trials": len(t.labels), "targets": int(t.labels.sum()),
-                           "scoring": rows,
+                           "scoring": rows, "sessions": by_session(t, final),
                            "speakers": speaker_similarity(list_ids, unit[[index[i] for i in list_ids]])}
         with open(out / f"scores-{t.name}.txt", "w") as f:
             f.writelines(f"{s:.6f} {e} {u}\n" for s, e, u in zip(final, t.enroll, t.test))
@@ -226,6 +255,10 @@ def format_table(report: dict) -> str:
             s = r["speakers"]
             lines.append(f"{name}: {s['speakers']} speakers, mean cosine intra {s['intra_cosine']:.3f}, "
                          f"inter {s['inter_cosine']:.3f}, ratio {s['ratio']}")
+        if r.get("sessions"):
+            same, cross = r["sessions"]["same_session"], r["sessions"]["cross_session"]
+            lines.append(f"{name}: EER {100 * same['eer']:.2f}% on same-session targets ({same['targets']}), "
+                         f"{100 * cross['eer']:.2f}% on cross-session targets ({cross['targets']})")
     e = report["embedding"]
     line = f"embeddings: {e['utterances']} utterances, {e['cached']} from cache, {e['computed']} computed"
     if e["computed"]:

@@ -17,7 +17,7 @@ from voices import SR, utterances, voices
 from voxstream.model import metrics
 from voxstream.model.checkpoint import CHECKPOINT_FORMAT
 from voxstream.model.embeddings import EmbedOptions, EmbeddingCache, ShardAudio, extract, model_fingerprint, trial_suffix
-from voxstream.model.evaluate import EvalConfig, evaluate, read_trials
+from voxstream.model.evaluate import EvalConfig, Trials, by_session, evaluate, read_trials
 from voxstream.shards.format import Manifest, build_shard, encode_flac, sample_key, shard_name, write_manifest
 from voxstream.shards import storage
 
@@ -120,6 +120,23 @@ def corpus(tmp_path_factory):
     return root, waves, ids, trials
 
 
+def test_session_breakdown_separates_same_and_cross_session_targets():
+    # Same-session targets outscore every non-target, cross-session ones score below them all: the
+    # breakdown shows the channel shortcut that the pooled EER (50%) hides.
+    rows = [(1, "a/s1/1", "a/s1/2", 0.9), (1, "a/s1/1", "a/s2/1", 0.3), (1, "b/s1/1", "b/s1/2", 0.8),
+            (1, "b/s1/1", "b/s2/1", 0.2), (0, "a/s1/1", "b/s1/1", 0.4), (0, "a/s2/1", "b/s2/1", 0.5)]
+    labels, enroll, test, scores = (list(c) for c in zip(*rows))
+    prefixed = lambda ids: [f"vox/{i}" for i in ids]  # shard keys carry a corpus prefix
+    for e, t in ((enroll, test), (prefixed(enroll), prefixed(test))):
+        got = by_session(Trials("t", "t.txt", np.array(labels, np.int8), e, t), np.array(scores))
+        assert got == {"same_session": {"targets": 2, "eer": 0.0}, "cross_session": {"targets": 2, "eer": 1.0}}
+    flat = Trials("t", "t.txt", np.array(labels, np.int8), [i.replace("/", "-") for i in enroll], test)
+    assert by_session(flat, np.array(scores)) is None            # ids without speaker/session/utterance
+    cross_only = Trials("t", "t.txt", np.array(labels[1::2] + [0], np.int8), enroll[1::2] + ["a/s1/1"],
+                        test[1::2] + ["b/s1/1"])
+    assert by_session(cross_only, np.array(scores[1::2] + [0.4])) is None   # one kind only: nothing to add
+
+
 def test_the_baseline_and_the_evaluator_read_one_trial_list_alike(corpus, tmp_path):
     from voxstream.model.baseline import score_trials
 
@@ -171,6 +188,11 @@ def test_folder_evaluation_writes_outputs_and_reuses_the_cache(corpus, tmp_path)
     assert row["min_dcf_0.05"] == pytest.approx(metrics.min_dcf(scores, t.labels, 0.05), abs=1e-5)
     assert saved["lists"]["all"]["trials"] == len(t.labels) and saved == json.loads(json.dumps(report))
     assert saved["lists"]["all"]["speakers"]["speakers"] == 4
+    sessions, expected = saved["lists"]["all"]["sessions"], by_session(t, scores)
+    assert sessions.keys() == expected.keys() == {"same_session", "cross_session"}
+    for kind in expected:
+        assert sessions[kind]["targets"] == expected[kind]["targets"] > 0
+        assert sessions[kind]["eer"] == pytest.approx(expected[kind]["eer"], abs=1e-5)
     assert saved["embedding"]["computed"] == len(ids) and saved["embedding"]["utterances_per_second"] > 0
     for png in ("det.png", "hist-all.png"):
         data = (out / png).read_bytes()
