@@ -156,7 +156,7 @@ def _metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 def session_of(utt_id: str) -> str | None:
     """The recording an id comes from: `speaker/session` of VoxCeleb's `speaker/video/utterance` ids (also
-    under a corpus prefix, as shard keys have it); None for ids without that depth."""
+    below further folders); None for ids without that depth."""
     parts = PurePosixPath(utt_id).parts
     return "/".join(parts[-3:-1]) if len(parts) >= 3 else None
 
@@ -168,10 +168,10 @@ def by_session(t: Trials, scores: np.ndarray) -> dict | None:
     targets far better than the others: the gap is the shortcut that same-utterance positives teach.
     None when an id names no session or one kind has no target trial (the breakdown would repeat the EER).
     """
-    pairs = [(session_of(e), session_of(u)) for e, u in zip(t.enroll, t.test)]
-    if any(s is None for pair in pairs for s in pair):
+    session = {i: session_of(i) for i in {*t.enroll, *t.test}}  # once per utterance, not per trial
+    if None in session.values():
         return None
-    same = np.array([e == u for e, u in pairs])
+    same = np.array([session[e] == session[u] for e, u in zip(t.enroll, t.test)])
     target = t.labels == 1
     out = {}
     for kind, chosen in (("same_session", same), ("cross_session", ~same)):

@@ -126,7 +126,7 @@ def test_session_breakdown_separates_same_and_cross_session_targets():
     rows = [(1, "a/s1/1", "a/s1/2", 0.9), (1, "a/s1/1", "a/s2/1", 0.3), (1, "b/s1/1", "b/s1/2", 0.8),
             (1, "b/s1/1", "b/s2/1", 0.2), (0, "a/s1/1", "b/s1/1", 0.4), (0, "a/s2/1", "b/s2/1", 0.5)]
     labels, enroll, test, scores = (list(c) for c in zip(*rows))
-    prefixed = lambda ids: [f"vox/{i}" for i in ids]  # shard keys carry a corpus prefix
+    prefixed = lambda ids: [f"wav/{i}" for i in ids]  # ids below a further folder
     for e, t in ((enroll, test), (prefixed(enroll), prefixed(test))):
         got = by_session(Trials("t", "t.txt", np.array(labels, np.int8), e, t), np.array(scores))
         assert got == {"same_session": {"targets": 2, "eer": 0.0}, "cross_session": {"targets": 2, "eer": 1.0}}
