@@ -13,7 +13,8 @@ What a run checks before its first step is in model/preflight.py.
 
 With `ssps.enabled` (model/ssps.py) the loader adds a clean reference crop as the last view: SSPS
 embeds it and draws the step's positives before the step, and queues both after it; its state is
-saved with the checkpoint.
+saved with the checkpoint. A checkpoint of a run without SSPS resumes with empty queues, so SSPS can
+continue a finished run (sslsv trains SimCLR 100 epochs, then SSPS 10 more from that checkpoint).
 """
 from __future__ import annotations
 
@@ -306,8 +307,12 @@ def _train(recipe: Recipe, resume: bool | str, device: torch.device, control) ->
     if ckpt:
         load_weights(method, ckpt["method"], url)
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ssps:
+        if ssps and "ssps" in ckpt:
             ssps.load_state_dict(ckpt["ssps"])
+        elif ssps and rank == 0:  # sslsv's recipe: SSPS for the last epochs of a finished SimCLR run
+            print(f"{url}: no SSPS state (trained without ssps); SSPS starts with empty queues, filled from step "
+                  f"{max(start_step, ssps.fill_step)}, and samples from the first epoch boundary after that, at or "
+                  f"after step {ssps.start_step}", file=sys.stderr)
         if rank < ckpt["world_size"]:  # a rank the checkpoint lacks keeps its own seed, used by no rank before
             set_rng_state(ckpt["ranks"][rank]["rng"], augmenter)
         del ckpt

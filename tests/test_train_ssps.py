@@ -74,6 +74,26 @@ def test_a_run_resumed_mid_epoch_with_ssps_follows_the_same_trajectory(speech, u
         [records(uninterrupted / "run")[s]["ssps_sampled"] for s in sorted(got)]
 
 
+def test_ssps_continues_a_run_trained_without_it(speech, tmp_path, capsys):
+    """sslsv's recipe: SimCLR first, then SSPS from that checkpoint. The plain run's checkpoint has no
+    SSPS state; the queues start empty there, fill for an epoch and sampling starts on schedule."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    plain_recipe = tiny_recipe(plain, speech)
+    assert train(load_recipe(str(plain_recipe), ["data.workers=0", "train.ckpt_every=4", "train.keep_last=6",
+                                                 "train.epochs=1"])) == STEPS_PER_EPOCH
+    assert "ssps" not in read_checkpoint(str(plain / "run" / "last.pt"))
+    recipe = tiny_recipe(tmp_path, speech)
+    assert train(load_recipe(str(recipe), SSPS), resume=str(plain / "run" / "last.pt")) == TOTAL
+    assert "no SSPS state (trained without ssps); SSPS starts with empty queues, filled from step 8, and samples " \
+           "from the first epoch boundary after that, at or after step 16" in capsys.readouterr().err
+    logged = records(tmp_path / "run")
+    assert sorted(logged) == list(range(STEPS_PER_EPOCH + 1, TOTAL + 1))
+    assert all(logged[step]["ssps_sampled"] == 0 for step in range(STEPS_PER_EPOCH + 1, START + 1))
+    assert np.mean([logged[step]["ssps_sampled"] for step in range(START + 1, TOTAL + 1)]) > 0.5
+    assert read_checkpoint(str(tmp_path / "run" / "last.pt"))["ssps"]["anchors"] == (TOTAL - START) * 4
+
+
 def test_ssps_with_a_method_without_a_positive_branch_or_without_a_manifest_is_one_line(speech, tmp_path):
     recipe = str(tiny_recipe(tmp_path, speech))
     with pytest.raises(RecipeError, match="^ssps.enabled: vicreg has no positive branch to sample; SSPS works with "
