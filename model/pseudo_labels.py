@@ -2,13 +2,15 @@
 
 Three stages, each resumable:
 1. every rank embeds its share of the shards (shard i goes to rank i % world) into one
-   `<work>/emb/<shard>.npz` per shard (keys, embeddings, speakers), each written atomically, so a
+   `<work>/emb/<shard>.npz` per shard (keys, embeddings, speakers, groups), each written atomically, so a
    rerun skips the shards already done;
 2. spherical k-means over every rank's embeddings, each rank holding only its own (model/cluster.py),
    then AHC on the centroids down to the wanted number of pseudo-speakers;
 3. rank 0 writes the labels file (shards/labels.py) with the settings and statistics: cluster
-   sizes and, when the metadata names speakers, NMI and purity against them. Those speakers are
-   for monitoring only: the labels never see them.
+   sizes and, when the metadata names speakers, NMI and purity against them, and the share of the
+   positives SSPS would draw from the k-means clusters (model/ssps.positive_share) that share the
+   anchor's speaker and group (session): `ssps_same_speaker`, `ssps_same_group`, the names of
+   SSPS's own monitors in training. The metadata is for monitoring only: the labels never see it.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from voxstream.model import distributed
 from voxstream.model.cluster import ahc, nmi, purity, spherical_kmeans
 from voxstream.model.embeddings import EmbedOptions, extract
+from voxstream.model.ssps import positive_share
 from voxstream.shards import storage
 from voxstream.shards.format import SAMPLE_RATE, decode_audio, iter_samples, read_manifest, shard_urls
 from voxstream.shards.labels import stable_hash, write_labels
@@ -58,12 +61,14 @@ def _emb_url(cfg: PseudoLabelConfig, shard: str) -> str:
 def _shard_embeddings(embedder: nn.Module, cfg: PseudoLabelConfig, shard: str) -> tuple[bytes, int, float]:
     """(npz bytes, utterances, audio seconds) of one shard's embeddings."""
     speakers: dict[str, str] = {}
+    groups: dict[str, str] = {}
     seconds = 0.0
 
     def audio():
         nonlocal seconds
         for key, meta, flac in iter_samples(storage.join(cfg.shards, shard), cfg.storage_options):
             speakers[key] = str(meta.get("speaker") or "")
+            groups[key] = str(meta.get("group") or "")
             wave = decode_audio(flac).astype(np.float32) / 32768.0
             seconds += len(wave) / SAMPLE_RATE
             yield key, wave
@@ -74,7 +79,8 @@ def _shard_embeddings(embedder: nn.Module, cfg: PseudoLabelConfig, shard: str) -
         embeddings.append(z.astype(np.float32))
     buf = io.BytesIO()
     np.savez(buf, keys=np.array(keys, dtype=str), emb=np.concatenate(embeddings),
-             speakers=np.array([speakers[k] for k in keys], dtype=str))
+             speakers=np.array([speakers[k] for k in keys], dtype=str),
+             groups=np.array([groups[k] for k in keys], dtype=str))
     return buf.getvalue(), len(keys), seconds
 
 
@@ -97,32 +103,39 @@ def embed_shards(embedder: nn.Module, cfg: PseudoLabelConfig) -> dict:
             "utt_per_cpu_s": round(count / cpu, 2) if count else None}
 
 
-def _load(cfg: PseudoLabelConfig) -> tuple[list[str], np.ndarray, list[str]]:
-    """This rank's share of the stage-1 embeddings: (keys, [N, D], speakers)."""
-    keys, emb, speakers = [], [], []
+def _load(cfg: PseudoLabelConfig) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """This rank's share of the stage-1 embeddings: (keys, [N, D], speakers, groups)."""
+    keys, emb, speakers, groups = [], [], [], []
     for shard in _my_shards(cfg):
         with np.load(io.BytesIO(storage.read_bytes(_emb_url(cfg, shard), cfg.storage_options))) as f:
             keys += f["keys"].tolist()
             emb.append(f["emb"])
             speakers += f["speakers"].tolist()
-    return keys, np.concatenate(emb), speakers
+            # Work folders written before groups were kept have none: no group share then.
+            groups += f["groups"].tolist() if "groups" in f.files else [""] * len(f["keys"])
+    return keys, np.concatenate(emb), speakers, groups
 
 
-def _statistics(labels: np.ndarray, speakers: list[str]) -> dict:
+def _statistics(labels: np.ndarray, speakers: list[str], groups: list[str], centroids: torch.Tensor,
+                assigned: np.ndarray) -> dict:
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
     stats = {"utterances": len(labels), "clusters": len(sizes), "singletons": int((sizes == 1).sum()),
              "size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max())}
-    if all(speakers):  # monitoring only: the metadata's speakers never reach the labels
+    # Monitoring only: the metadata's speakers and groups never reach the labels.
+    if all(speakers):
         reference = np.array(speakers)
         stats.update(speakers=len(np.unique(reference)), nmi=round(nmi(labels, reference), 4),
-                     purity=round(purity(labels, reference), 4))
+                     purity=round(purity(labels, reference), 4),
+                     ssps_same_speaker=round(positive_share(centroids, assigned, reference), 4))
+    if all(groups):
+        stats["ssps_same_group"] = round(positive_share(centroids, assigned, np.array(groups)), 4)
     return stats
 
 
 def cluster_and_write(cfg: PseudoLabelConfig) -> dict | None:
     """Stages 2 and 3; every rank takes part, rank 0 writes and returns the statistics."""
-    keys, emb, speakers = _load(cfg)
+    keys, emb, speakers, groups = _load(cfg)
     started = time.perf_counter()
     x = F.normalize(torch.from_numpy(emb).to(cfg.device), dim=1)
     # Priorities from the keys: the same clusters whatever the number of ranks and their shares.
@@ -131,16 +144,16 @@ def cluster_and_write(cfg: PseudoLabelConfig) -> dict | None:
     merged = ahc(centroids, cfg.clusters) if cfg.clusters else np.arange(cfg.kmeans)
     labels = merged[assigned.cpu().numpy()]
     seconds = time.perf_counter() - started
-    parts = [(keys, labels, speakers)]
+    mine = (keys, labels, speakers, groups, assigned.cpu().numpy())
+    parts = [mine]
     if distributed.is_dist():
         parts = [None] * distributed.world_size()
-        dist.all_gather_object(parts, (keys, labels, speakers))
+        dist.all_gather_object(parts, mine)
     if distributed.rank() != 0:
         return None
-    keys = [k for p in parts for k in p[0]]
-    labels = np.concatenate([p[1] for p in parts])
-    speakers = [s for p in parts for s in p[2]]
-    stats = {**_statistics(labels, speakers), "cluster_seconds": round(seconds, 2)}
+    keys, speakers, groups = ([x for p in parts for x in p[i]] for i in (0, 2, 3))
+    labels, assigned = (np.concatenate([p[i] for p in parts]) for i in (1, 4))
+    stats = {**_statistics(labels, speakers, groups, centroids, assigned), "cluster_seconds": round(seconds, 2)}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "device")}
     write_labels(cfg.out, keys, labels, _info("pseudo-speakers", cfg.shards, settings, stats, cfg.storage_options),
                  cfg.storage_options)

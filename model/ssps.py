@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,3 +260,22 @@ def nearest_others(centroids: torch.Tensor, m: int) -> torch.Tensor:
         best = sim.topk(min(m, k), dim=1).indices
         out[start:start + block] = best[:, torch.arange(m, device=best.device) % best.shape[1]]
     return out
+
+
+def positive_share(centroids: torch.Tensor, assigned: np.ndarray, reference: np.ndarray, m: int = 1) -> float:
+    """Of the positives SSPS would draw from these clusters (a uniform member of one of the m clusters
+    nearest the anchor's own), the expected share whose `reference` label (speaker, session) is the
+    anchor's. Offline monitoring, to size `clusters` on data with labels; anchors whose drawn clusters
+    are all empty are left out, as the trainer leaves them their own positive."""
+    near = nearest_others(centroids, m).cpu().numpy()[assigned]        # [N, m] the clusters drawn from
+    ref = np.unique(reference, return_inverse=True)[1].astype(np.int64)
+    width = int(ref.max()) + 1
+    # (cluster, label) counts, sparse: K x labels is too big to hold at VoxCeleb scale.
+    pairs, counts = np.unique(assigned.astype(np.int64) * width + ref, return_counts=True)
+    query = near * width + ref[:, None]
+    at = np.searchsorted(pairs, query).clip(max=len(pairs) - 1)
+    same = np.where(pairs[at] == query, counts[at], 0)
+    size = np.bincount(assigned, minlength=len(centroids))[near]
+    drawn = size > 0
+    share = (same / np.maximum(size, 1)).sum(axis=1) / np.maximum(drawn.sum(axis=1), 1)
+    return float(share[drawn.any(axis=1)].mean())

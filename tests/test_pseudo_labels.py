@@ -85,6 +85,9 @@ def test_pseudo_labels_recover_the_speakers_and_embedding_resumes(tmp_path, tone
     stats = cluster_and_write(cfg)
     assert stats["clusters"] == SPEAKERS and stats["utterances"] == SPEAKERS * UTTERANCES
     assert stats["purity"] >= 0.95 and stats["nmi"] >= 0.95
+    # What SSPS would draw from the 12 k-means clusters (two a speaker): mostly the speaker's other half,
+    # never the anchor's own group, which here is its utterance.
+    assert stats["ssps_same_speaker"] >= 0.75 and stats["ssps_same_group"] == 0.0
     labels = read_labels(cfg.out, keys=True)
     assert sorted(labels.keys) == sorted(speaker_of)  # every utterance labelled, once
     assert labels.info["statistics"] == stats and labels.info["settings"]["kmeans"] == 12

@@ -3,13 +3,14 @@ from the anchor's own utterance; queues and centroids agree across 2 gloo ranks;
 state survives a checkpoint. The trainer's use of it is tested in test_train_ssps.py."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ranks import run_ranks
-from voxstream.model.ssps import SSPS, SSPSConfig, sampling_step
+from voxstream.model.ssps import SSPS, SSPSConfig, positive_share, sampling_step
 
 SPEAKERS, SESSIONS, PER_SESSION, DIM = 4, 2, 8, 16
 N = SPEAKERS * SESSIONS * PER_SESSION
@@ -162,6 +163,22 @@ def test_queues_and_centroids_agree_across_two_gloo_ranks_and_with_one_process()
     torch.testing.assert_close(ranks[0]["ref"], alone.ref)
     torch.testing.assert_close(ranks[0]["centroids"], alone.centroids, atol=1e-5, rtol=0)
     assert torch.equal(ranks[0]["assignment"], alone.assignment)
+
+
+def test_the_offline_positive_share_counts_members_of_the_nearest_other_cluster():
+    def on_circle(*degrees):
+        angles = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+        return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+    # Clusters 0 and 1 are each other's nearest, 2 and 3 too. Cluster 0 holds speakers A B, 1 holds A A A B,
+    # 2 and 3 one C each: A in 0 draws A from 1 with 3/4, B 1/4; A and B in 1 draw theirs from 0 with 1/2; C: 1.
+    assigned = np.array([0, 0, 1, 1, 1, 1, 2, 3])
+    speakers = np.array(["A", "B", "A", "A", "A", "B", "C", "C"])
+    assert positive_share(on_circle(0, 10, 180, 190), assigned, speakers) == pytest.approx(5 / 8)
+    # An empty cluster 4 nearest to 2 and 3: the C anchors draw nothing and are left out.
+    assert positive_share(on_circle(0, 10, 180, 190, 181), assigned, speakers) == pytest.approx(3 / 6)
+    # M = 2: every cluster's second nearest is on the other side and shares no speaker: half the M = 1 share.
+    assert positive_share(on_circle(0, 10, 180, 190), assigned, speakers, m=2) == pytest.approx(5 / 16)
 
 
 @pytest.mark.parametrize("key, value", [("start", 1.0), ("clusters", 0), ("queue_dtype", "int8"), ("ref_seconds", 0)])
