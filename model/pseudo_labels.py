@@ -141,10 +141,11 @@ def cluster_and_write(cfg: PseudoLabelConfig) -> dict | None:
     # Priorities from the keys: the same clusters whatever the number of ranks and their shares.
     priority = torch.tensor([stable_hash(f"{cfg.seed}:{k}") / 2.0 ** 63 for k in keys], dtype=torch.float64)
     centroids, assigned = spherical_kmeans(x, cfg.kmeans, cfg.iterations, priority)
+    assigned = assigned.cpu().numpy()
     merged = ahc(centroids, cfg.clusters) if cfg.clusters else np.arange(cfg.kmeans)
-    labels = merged[assigned.cpu().numpy()]
+    labels = merged[assigned]
     seconds = time.perf_counter() - started
-    mine = (keys, labels, speakers, groups, assigned.cpu().numpy())
+    mine = (keys, labels, speakers, groups, assigned)
     parts = [mine]
     if distributed.is_dist():
         parts = [None] * distributed.world_size()
